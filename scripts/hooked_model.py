@@ -1,0 +1,147 @@
+"""TransformerLens hooks on a Hugging Face chat model.
+
+The model is wrapped with ``TransformerBridge.boot_transformers(..., hf_model=...)``: the bridge shares
+the Hugging Face model's weights and its hook points (``blocks.{L}.hook_resid_post`` …) fire inside
+``model(...)`` and ``model.generate(...)``, batched and with the KV cache. Hook names are
+TransformerLens's and are the common language of every module here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HOOK_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+
+HookFunction = Callable[..., torch.Tensor | None]
+"""``fn(activation [batch, pos, d_model], hook) -> replacement or None``, as in TransformerLens."""
+
+
+def model_n_layers(model) -> int:
+    """Number of transformer blocks of a Hugging Face causal LM."""
+    return int(model.config.num_hidden_layers)
+
+
+def model_d_model(model) -> int:
+    """Residual-stream width of a Hugging Face causal LM."""
+    return int(model.config.hidden_size)
+
+
+def validate_layer(layer: int, n_layers: int) -> int:
+    """Return ``layer`` if it is in ``[0, n_layers)``; else raise ``ValueError`` naming the valid range.
+
+    Negative layers count from the end, as in Python indexing.
+    """
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    resolved = layer + n_layers if layer < 0 else layer
+    if not 0 <= resolved < n_layers:
+        raise ValueError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
+    return resolved
+
+
+def hook_name(layer: int, kind: str = "resid_post", n_layers: int | None = None) -> str:
+    """The TransformerLens hook name of a residual-stream point, e.g. ``blocks.15.hook_resid_post``.
+
+    Args:
+        layer: Block index (validated against ``n_layers`` when given).
+        kind: One of ``resid_pre`` (block input), ``resid_mid`` (after attention), ``resid_post`` (block output).
+    """
+    if kind not in HOOK_KINDS:
+        raise ValueError(f"unknown hook kind {kind!r}; valid kinds: {list(HOOK_KINDS)}")
+    if n_layers is not None:
+        layer = validate_layer(layer, n_layers)
+    return f"blocks.{layer}.hook_{kind}"
+
+
+def parse_hook_name(name: str) -> tuple[int, str]:
+    """Inverse of :func:`hook_name`: ``"blocks.3.hook_resid_mid"`` → ``(3, "resid_mid")``."""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[2].startswith("hook_"):
+        raise ValueError(f"not a residual hook name: {name!r}")
+    kind = parts[2][len("hook_") :]
+    if kind not in HOOK_KINDS:
+        raise ValueError(f"unknown hook kind in {name!r}; valid kinds: {list(HOOK_KINDS)}")
+    return int(parts[1]), kind
+
+
+@dataclass
+class HookedModel:
+    """A Hugging Face causal LM, its tokenizer and the TransformerLens bridge that hooks it.
+
+    ``model`` and ``bridge.original_model`` are the same object: running ``model`` (or its
+    ``generate``) fires the bridge's hooks while they are registered.
+    """
+
+    model: object
+    tokenizer: object
+    bridge: object
+
+    @property
+    def n_layers(self) -> int:
+        return model_n_layers(self.model)
+
+    @property
+    def d_model(self) -> int:
+        return model_d_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.model.config, "name_or_path", "") or "unknown")
+
+    def hook_name(self, layer: int, kind: str = "resid_post") -> str:
+        """Validated hook name of ``layer`` and ``kind`` on this model."""
+        return hook_name(layer, kind, self.n_layers)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFunction]]) -> Iterator["HookedModel"]:
+        """Register forward hooks for the duration of the block; they are removed in ``finally``."""
+        known = self.bridge.hook_dict
+        for name, _ in fwd_hooks:
+            if name not in known:
+                raise KeyError(f"unknown hook point {name!r} (e.g. {self.hook_name(0)!r})")
+        # The bridge's context removes exactly the hooks it added, in ``finally``; outer contexts' hooks stay.
+        with self.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+            yield self
+
+
+def wrap_model(model, tokenizer, name: str | None = None) -> HookedModel:
+    """Wrap a loaded Hugging Face model with a TransformerLens ``TransformerBridge`` (no weights copied).
+
+    Args:
+        model: A Hugging Face causal LM (already on its device).
+        tokenizer: Its tokenizer. The bridge may re-load it from ``tokenizer.name_or_path`` to add a
+            BOS token; this library always tokenizes with the tokenizer given here.
+        name: Architecture name for the bridge; default the model's ``name_or_path``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    padding_side = tokenizer.padding_side
+    bridge = TransformerBridge.boot_transformers(
+        name or str(getattr(model.config, "name_or_path", "") or "model"),
+        hf_model=model,
+        tokenizer=tokenizer,
+        device=next(model.parameters()).device,
+        dtype=next(model.parameters()).dtype,
+    )
+    # The bridge normalises the tokenizer it is given; generation here relies on left padding.
+    tokenizer.padding_side = padding_side
+    return HookedModel(model=model, tokenizer=tokenizer, bridge=bridge)
+
+
+def load_hooked_model(name_or_path: str, **load_kwargs) -> HookedModel:
+    """:func:`scripts.model.load_model` followed by :func:`wrap_model`."""
+    from scripts.model import load_model
+
+    model, tokenizer = load_model(name_or_path, **load_kwargs)
+    return wrap_model(model, tokenizer)

