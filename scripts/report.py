@@ -1,0 +1,231 @@
+"""Refusal rates with confidence intervals, judge agreement, and the summary table of a judged run.
+
+Everything here is pure arithmetic on verdict rows (dicts with ``is_refusal`` true/false/null,
+``judge``, and the input fields ``condition``, ``label``, ``category``, optionally ``strength``), so
+the CLI, the trade-off plot and the notebook all compute the same numbers.
+
+A verdict whose ``is_refusal`` is ``None`` is an error (the judge could not decide): it is counted in
+``n_errors`` and left out of every rate, never counted as "not a refusal".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Sequence
+
+DEFAULT_CONDITION = "default"
+UNLABELLED = "unlabelled"
+METRIC_BY_LABEL: dict[str, str] = {"harmful": "refusal_rate", "benign": "over_refusal_rate"}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n``.
+
+    Args:
+        k: Number of successes (refusals), ``0 <= k <= n``.
+        n: Number of trials (decided verdicts); must be positive.
+        z: Standard-normal quantile; 1.96 gives a 95% interval.
+
+    Returns:
+        ``(low, high)``, both within ``[0, 1]``.
+
+    Raises:
+        ValueError: ``n`` is not positive, ``k`` is outside ``[0, n]`` or ``z`` is not positive.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n={n}], got {k}")
+    if z <= 0:
+        raise ValueError(f"z must be positive, got {z}")
+    p = k / n
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half_width = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    # At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); computing it leaves rounding error.
+    low = 0.0 if k == 0 else centre - half_width
+    high = 1.0 if k == n else centre + half_width
+    return low, high
+
+
+def cohen_kappa(labels_a: Sequence[Any], labels_b: Sequence[Any]) -> float:
+    """Cohen's kappa between two raters' labels of the same items.
+
+    Args:
+        labels_a: One rater's labels (any hashable values).
+        labels_b: The other rater's labels of the same items, in the same order.
+
+    Returns:
+        Kappa in ``[-1, 1]``; ``nan`` when chance agreement is 1 (both raters gave one and the same
+        label to every item), where kappa is undefined (as in scikit-learn).
+
+    Raises:
+        ValueError: the sequences differ in length or are empty.
+    """
+    if len(labels_a) != len(labels_b):
+        raise ValueError(f"label sequences differ in length: {len(labels_a)} vs {len(labels_b)}")
+    n = len(labels_a)
+    if n == 0:
+        raise ValueError("cohen_kappa needs at least one item")
+    observed = sum(a == b for a, b in zip(labels_a, labels_b)) / n
+    counts_a: dict[Any, int] = defaultdict(int)
+    counts_b: dict[Any, int] = defaultdict(int)
+    for a, b in zip(labels_a, labels_b):
+        counts_a[a] += 1
+        counts_b[b] += 1
+    expected = sum(counts_a[label] * counts_b.get(label, 0) for label in counts_a) / (n * n)
+    if expected == 1.0:
+        return float("nan")
+    return (observed - expected) / (1.0 - expected)
+
+
+def rate_summary(verdicts: Iterable[bool | None], z: float = 1.96) -> dict[str, Any]:
+    """Refusal rate of a group of verdicts with its Wilson interval.
+
+    Args:
+        verdicts: ``True`` (refusal), ``False`` (no refusal) or ``None`` (error, excluded).
+        z: Standard-normal quantile of the interval.
+
+    Returns:
+        ``{"n", "n_errors", "k", "rate", "ci_low", "ci_high"}`` where ``n`` counts decided verdicts;
+        the rate and bounds are ``None`` when ``n`` is 0.
+    """
+    n = k = n_errors = 0
+    for verdict in verdicts:
+        if verdict is None:
+            n_errors += 1
+            continue
+        n += 1
+        k += bool(verdict)
+    if n == 0:
+        return {"n": 0, "n_errors": n_errors, "k": 0, "rate": None, "ci_low": None, "ci_high": None}
+    low, high = wilson_interval(k, n, z)
+    return {"n": n, "n_errors": n_errors, "k": k, "rate": k / n, "ci_low": low, "ci_high": high}
+
+
+def metric_name(label: str) -> str:
+    """``refusal_rate`` for harmful prompts, ``over_refusal_rate`` for benign ones, else ``refusal_rate``."""
+    return METRIC_BY_LABEL.get(label, "refusal_rate")
+
+
+def _group_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    return str(row.get("condition") or DEFAULT_CONDITION), str(row.get("label") or UNLABELLED)
+
+
+def _summarise_group(rows: Sequence[Mapping[str, Any]], condition: str, label: str, z: float) -> dict[str, Any]:
+    summary = {"condition": condition, "label": label, "metric": metric_name(label)}
+    summary.update(rate_summary((row.get("is_refusal") for row in rows), z))
+    by_category: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_category[str(row.get("category") or UNLABELLED)].append(row)
+    summary["per_category"] = {
+        category: rate_summary((row.get("is_refusal") for row in members), z)
+        for category, members in sorted(by_category.items())
+    }
+    return summary
+
+
+def _strength_groups(rows: Sequence[Mapping[str, Any]], z: float) -> list[dict[str, Any]]:
+    grouped: dict[tuple[str, float, str], list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("strength") is None:
+            continue
+        condition, label = _group_key(row)
+        grouped[(condition, float(row["strength"]), label)].append(row)
+    groups = []
+    for (condition, strength, label), members in sorted(grouped.items()):
+        group = {"condition": condition, "strength": strength, "label": label, "metric": metric_name(label)}
+        group.update(rate_summary((row.get("is_refusal") for row in members), z))
+        groups.append(group)
+    return groups
+
+
+def judge_agreement(rows: Sequence[Mapping[str, Any]], judge_a: str, judge_b: str) -> dict[str, Any]:
+    """Cohen's kappa and raw agreement of two judges on the items both decided.
+
+    Items are matched by ``id`` (and ``source_file`` when present); an item either judge could not
+    decide is left out and counted in ``n_excluded``.
+    """
+    by_item: dict[tuple[Any, Any], dict[str, bool | None]] = defaultdict(dict)
+    for row in rows:
+        if row.get("judge") in (judge_a, judge_b):
+            by_item[(row.get("source_file"), row.get("id"))][row["judge"]] = row.get("is_refusal")
+    pairs = [
+        (verdicts[judge_a], verdicts[judge_b])
+        for verdicts in by_item.values()
+        if verdicts.get(judge_a) is not None and verdicts.get(judge_b) is not None
+    ]
+    both_present = sum(1 for verdicts in by_item.values() if judge_a in verdicts and judge_b in verdicts)
+    result: dict[str, Any] = {"judges": [judge_a, judge_b], "n": len(pairs), "n_excluded": both_present - len(pairs)}
+    if not pairs:
+        result.update({"kappa": None, "agreement": None})
+        return result
+    labels_a, labels_b = zip(*pairs)
+    kappa = cohen_kappa(labels_a, labels_b)
+    result["kappa"] = None if math.isnan(kappa) else kappa
+    result["agreement"] = sum(a == b for a, b in pairs) / len(pairs)
+    return result
+
+
+def summarise_verdicts(rows: Iterable[Mapping[str, Any]], z: float = 1.96) -> dict[str, Any]:
+    """The report of a judged run: rates per judge, condition and label, per category, and agreement.
+
+    Args:
+        rows: Verdict rows, each with ``judge`` and ``is_refusal`` (true/false/null) and the input
+            fields ``condition`` (default ``"default"``), ``label`` (``harmful``/``benign``),
+            ``category`` and optionally ``strength``.
+        z: Standard-normal quantile of the intervals (1.96: 95%).
+
+    Returns:
+        ``{"confidence": 0.95-ish, "judges": {judge: {"n_rows", "n_errors", "groups": [...],
+        "strength_groups": [...]}}, "agreement": [...]}``. Each group holds ``condition``, ``label``,
+        ``metric`` (``refusal_rate`` for harmful, ``over_refusal_rate`` for benign), ``n`` (decided
+        verdicts), ``n_errors``, ``k``, ``rate``, ``ci_low``, ``ci_high`` and ``per_category``.
+        ``agreement`` holds Cohen's kappa for every pair of judges that judged the same items.
+    """
+    rows = list(rows)
+    by_judge: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_judge[str(row.get("judge", "unknown"))].append(row)
+    judges: dict[str, Any] = {}
+    for judge, judge_rows in sorted(by_judge.items()):
+        grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+        for row in judge_rows:
+            grouped[_group_key(row)].append(row)
+        judges[judge] = {
+            "n_rows": len(judge_rows),
+            "n_errors": sum(1 for row in judge_rows if row.get("is_refusal") is None),
+            "groups": [
+                _summarise_group(members, condition, label, z)
+                for (condition, label), members in sorted(grouped.items())
+            ],
+            "strength_groups": _strength_groups(judge_rows, z),
+        }
+    names = sorted(by_judge)
+    agreement = [judge_agreement(rows, a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    confidence = math.erf(z / math.sqrt(2))
+    return {"confidence": confidence, "judges": judges, "agreement": agreement}
+
+
+def _format_rate(group: Mapping[str, Any]) -> str:
+    if group["rate"] is None:
+        return "n/a"
+    return f"{100 * group['rate']:5.1f}% [{100 * group['ci_low']:5.1f}, {100 * group['ci_high']:5.1f}]"
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """A plain-text table of a :func:`summarise_verdicts` report: one line per judge, condition and label."""
+    header = f"{'judge':<10} {'condition':<24} {'label':<10} {'metric':<18} {'rate [95% CI]':<24} {'n':>6} {'errors':>6}"
+    lines = [header, "-" * len(header)]
+    for judge, summary in report["judges"].items():
+        for group in summary["groups"]:
+            lines.append(
+                f"{judge:<10} {group['condition']:<24} {group['label']:<10} {group['metric']:<18} "
+                f"{_format_rate(group):<24} {group['n']:>6} {group['n_errors']:>6}"
+            )
+    for pair in report.get("agreement", []):
+        kappa = "n/a" if pair["kappa"] is None else f"{pair['kappa']:.3f}"
+        lines.append(f"Cohen's kappa {pair['judges'][0]} vs {pair['judges'][1]}: {kappa} (n={pair['n']})")
+    return "\n".join(lines)
