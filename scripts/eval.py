@@ -16,13 +16,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 from scripts.hooked_model import HookedModel
 from scripts.model import format_chat, generate_ids
 from scripts.paths import RunConfig
 from scripts.records import JSONLError, PromptRecord, append_jsonl, iter_numbered_jsonl
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, CategorySet
+from scripts.steering import Condition, SteeringPlan
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,6 @@ RESERVED_FIELDS: tuple[str, ...] = (
     "seed",
 )
 """Row fields written by this module; a condition's per-row decision may not reuse these names."""
-
-
-class PlanLike(Protocol):
-    """What :func:`run_condition` reads from a condition's plan (``scripts.steering.SteeringPlan``)."""
-
-    batch_hook: Callable[[Sequence[int]], ContextManager[object]] | None
-    decisions: list[dict[str, Any]]
-    metadata: dict[str, Any]
-
-
-class ConditionLike(Protocol):
-    """A steering condition (``scripts.steering.Condition``): a name and a per-prompt plan."""
-
-    name: str
-
-    def plan(self, hooked: HookedModel, prompts: Sequence[str], texts: Sequence[str]) -> PlanLike: ...
 
 
 @dataclass(frozen=True)
@@ -178,7 +163,7 @@ def _check_unique_ids(records: Sequence[PromptRecord]) -> None:
 def _build_rows(
     records: Sequence[PromptRecord],
     responses: Sequence[list[int]],
-    plan: PlanLike,
+    plan: SteeringPlan,
     condition_name: str,
     tokenizer,
     lookup: tuple[dict[int, str], int | None],
@@ -212,7 +197,7 @@ def _build_rows(
 def run_condition(
     hooked: HookedModel,
     records: Sequence[PromptRecord],
-    condition: ConditionLike,
+    condition: Condition,
     out_path: str | os.PathLike[str],
     batch_size: int = 16,
     max_new_tokens: int = 64,
@@ -307,7 +292,7 @@ def run_condition(
 def run_conditions(
     hooked: HookedModel,
     records: Sequence[PromptRecord],
-    conditions: Sequence[ConditionLike],
+    conditions: Sequence[Condition],
     run_config: RunConfig,
     **kwargs: Any,
 ) -> dict[str, Path]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from scripts.hooked_model import HookedModel, wrap_model
 from scripts.paths import RunConfig
 from scripts.records import JSONLError, PromptRecord, read_jsonl
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, add_refusal_tokens
+from scripts.steering import SteeringPlan, baseline, fixed_category
 from tests.tiny import build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = [
@@ -50,13 +50,6 @@ def records() -> list[PromptRecord]:
     ]
 
 
-@dataclass
-class Plan:
-    batch_hook: Callable[[Sequence[int]], Any] | None
-    decisions: list[dict[str, Any]]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 class AddVector:
     """A real steering condition: adds ``strength * vector`` to the residual stream at one layer.
 
@@ -70,7 +63,7 @@ class AddVector:
         self.scale = scale
         self.layer = layer
 
-    def plan(self, hooked: HookedModel, prompts: Sequence[str], texts: Sequence[str]) -> Plan:
+    def plan(self, hooked: HookedModel, prompts: Sequence[str], texts: Sequence[str]) -> SteeringPlan:
         strengths = [self.scale * (len(p) % 3) for p in prompts]
 
         def batch_hook(indices: Sequence[int]):
@@ -81,7 +74,7 @@ class AddVector:
 
             return hooked.hooks([(hooked.hook_name(self.layer), add)])
 
-        return Plan(batch_hook, [{"strength": s} for s in strengths], {"layer": self.layer, "scale": self.scale})
+        return SteeringPlan(batch_hook, [{"strength": s} for s in strengths], {"layer": self.layer, "scale": self.scale})
 
 
 class KillAfter:
@@ -202,7 +195,9 @@ def test_first_token_category_reads_the_first_generated_token(hooked, records, t
                 logits[..., token_id] += 1e4
                 return logits
 
-            return Plan(lambda indices: hooked_model.hooks([("unembed.hook_out", boost)]), [{} for _ in prompts])
+            return SteeringPlan(
+                lambda indices: hooked_model.hooks([("unembed.hook_out", boost)]), [{} for _ in prompts], {}
+            )
 
     rows = read_jsonl(_run(hooked, records, ForceToken(), tmp_path / "force.jsonl"))
     assert {row["first_token_category"] for row in rows} == {"malicious_uses"}
@@ -217,7 +212,7 @@ def test_duplicate_ids_and_reserved_decision_fields_raise(hooked, records, tmp_p
         name = "clash"
 
         def plan(self, hooked_model, prompts, texts):
-            return Plan(None, [{"response": "x"} for _ in prompts])
+            return SteeringPlan(None, [{"response": "x"} for _ in prompts], {})
 
     with pytest.raises(ValueError, match="reserved field"):
         _run(hooked, records[:2], Clash(), tmp_path / "c.jsonl")
@@ -241,8 +236,25 @@ def test_zero_strength_steering_equals_plain_generation(hooked, records, tmp_pat
         name = "plain"
 
         def plan(self, hooked_model, prompts, texts):
-            return Plan(lambda indices: contextlib.nullcontext(), [{} for _ in prompts])
+            return SteeringPlan(lambda indices: contextlib.nullcontext(), [{} for _ in prompts], {})
 
     plain = read_jsonl(_run(hooked, records, Plain(), tmp_path / "p.jsonl"))
     zero = read_jsonl(_run(hooked, records, AddVector("zero", _vector(hooked), 0.0), tmp_path / "z.jsonl"))
     assert [row["response"] for row in plain] == [row["response"] for row in zero]
+
+
+def test_with_steering_module_conditions(hooked, records, tmp_path):
+    vectors = {name: torch.randn(hooked.d_model, generator=torch.Generator().manual_seed(i))
+               for i, name in enumerate(DONOTANSWER_CATEGORIES.categories)}
+    base = read_jsonl(_run(hooked, records, baseline(), tmp_path / "base.jsonl"))
+    zero = read_jsonl(_run(hooked, records, fixed_category(vectors, 0.0, "malicious_uses", 1, name="z"), tmp_path / "z.jsonl"))
+    pushed = read_jsonl(
+        _run(hooked, records, fixed_category(vectors, 30.0, "malicious_uses", 1, name="p"), tmp_path / "p.jsonl")
+    )
+    assert [row["response"] for row in zero] == [row["response"] for row in base]
+    assert [row["response"] for row in pushed] != [row["response"] for row in base]
+    assert {row["routed_category"] for row in pushed} == {"malicious_uses"}
+    assert {row["strength"] for row in pushed} == {30.0}
+    assert pushed[0]["condition_metadata"]["condition"] == "p"
+    assert pushed[0]["condition_metadata"]["hook"] == "blocks.1.hook_resid_post"
+    assert {row["route"] for row in base} == {"unsteered"}
