@@ -1,0 +1,721 @@
+"""Activation steering: hooks that add ``strength · v`` to the residual stream, routers that pick ``v``
+and the strength per prompt, and conditions that turn both into a plan for batched generation.
+
+Positions. The default mode, ``"last_and_generated"``, adds the steering delta at the last position of
+every forward call. Under ``model.generate`` (KV cache on, the default) the first call sees the whole
+left-padded prompt and each later call sees only the newest token, so this steers exactly the last
+prompt position and every generated position, as in the paper's reference code. Mode ``"all"`` steers
+every position of every call (prompt included). Steering is a pure function of the current call, so one
+hook serves any number of forward calls (single forward passes, generation, training).
+
+Per-row steering. Every hook takes one vector and one strength per batch row (``[batch, d_model]`` and
+``[batch]``); a row with strength 0 is left bit-for-bit unchanged. :func:`per_row_batch_hook` turns
+``[N, d_model]`` / ``[N]`` tensors over all inputs into the ``batch_hook`` factory that
+:func:`scripts.model.generate_ids` enters around each batch (it is told the batch's input indices).
+
+Conditions. A :class:`Condition` has a ``name`` and ``plan(hooked, prompts, texts)`` returning a
+:class:`SteeringPlan`: the batch hook, one JSON-serialisable decision per row and condition metadata.
+Factories: :func:`baseline`, :func:`fixed_category`, :func:`categorical` (per-row category and strength
+from a router) and :func:`low_rank_combination` (a learned operator ``delta = f(z)``). Routers:
+:func:`token_router` (the model's own first refusal token, the paper's "fixed" steering) and
+:func:`probe_router` (a harmful-vs-benign probe, the paper's probe steering). Routing needs one batched
+forward pass over all prompts, without generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from scripts.hooked_model import HookedModel, HookFunction
+from scripts.model import BatchHookFactory, length_sorted_batches, prepare_tokenizer
+from scripts.refusal_tokens import CategorySet
+
+logger = logging.getLogger(__name__)
+
+POSITION_MODES: tuple[str, ...] = ("last_and_generated", "all")
+DEFAULT_POSITIONS = "last_and_generated"
+DEFAULT_KIND = "resid_post"
+PAPER_POSITIVE_STRENGTH = 4.0
+PAPER_NEGATIVE_STRENGTH = -6.0
+CATEGORY_SOURCES: tuple[str, ...] = ("token", "probe_head")
+RESPOND = "respond"
+
+DeltaFunction = Callable[[torch.Tensor], torch.Tensor]
+"""``delta(region [batch, pos, d_model]) -> [batch, pos or 1, d_model]``: what to add to ``region``."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_positions(positions: str) -> str:
+    """Return ``positions`` if it is a known mode; else raise ``ValueError`` naming the valid ones."""
+    if positions not in POSITION_MODES:
+        raise ValueError(f"unknown positions mode {positions!r}; valid modes: {list(POSITION_MODES)}")
+    return positions
+
+
+def delta_hook(delta: DeltaFunction, positions: str = DEFAULT_POSITIONS) -> HookFunction:
+    """A TransformerLens hook function adding ``delta(region)`` to the steered positions.
+
+    Args:
+        delta: Maps the steered region ``[batch, pos, d_model]`` of the activation to the amount to add.
+        positions: ``"last_and_generated"`` (the last position of each call) or ``"all"``.
+
+    Returns:
+        ``fn(activation [batch, pos, d_model], hook) -> activation`` (out of place, so gradients flow).
+    """
+    check_positions(positions)
+
+    def hook_fn(activation: torch.Tensor, hook: object) -> torch.Tensor:
+        if positions == "all":
+            return activation + delta(activation).to(activation.dtype)
+        last = activation[:, -1:, :]
+        return torch.cat([activation[:, :-1, :], last + delta(last).to(activation.dtype)], dim=1)
+
+    return hook_fn
+
+
+def _row_deltas(vectors: torch.Tensor, strengths: float | torch.Tensor) -> torch.Tensor:
+    """``strength · v`` per row: ``[batch, d_model]`` from vectors ``[d]``/``[batch, d]`` and strengths ``[]``/``[batch]``."""
+    if vectors.ndim not in (1, 2):
+        raise ValueError(f"steering vectors must be [d_model] or [batch, d_model], got shape {tuple(vectors.shape)}")
+    strengths = torch.as_tensor(strengths, dtype=torch.float32, device=vectors.device)
+    if strengths.ndim > 1:
+        raise ValueError(f"strengths must be a scalar or [batch], got shape {tuple(strengths.shape)}")
+    if not torch.isfinite(strengths).all():
+        raise ValueError("strengths must be finite")
+    rows = vectors.float() if vectors.ndim == 2 else vectors.float().unsqueeze(0)
+    if strengths.ndim == 1:
+        if rows.shape[0] == 1:
+            rows = rows.expand(strengths.shape[0], -1)
+        if strengths.shape[0] != rows.shape[0]:
+            raise ValueError(f"{rows.shape[0]} steering vectors but {strengths.shape[0]} strengths")
+        return strengths[:, None] * rows
+    return strengths * rows
+
+
+def vector_delta(vectors: torch.Tensor, strengths: float | torch.Tensor = 1.0) -> DeltaFunction:
+    """Delta function adding ``strengths[b] · vectors[b]`` to every steered position of row ``b``.
+
+    Args:
+        vectors: ``[d_model]`` (one vector for all rows) or ``[batch, d_model]``.
+        strengths: A scalar or ``[batch]``; 0 leaves a row exactly unchanged.
+
+    Raises:
+        ValueError: inconsistent shapes, or (at call time) a batch of another size.
+    """
+    deltas = _row_deltas(vectors, strengths)
+    per_row = vectors.ndim == 2 or torch.as_tensor(strengths).ndim == 1
+
+    def delta(region: torch.Tensor) -> torch.Tensor:
+        if per_row and region.shape[0] != deltas.shape[0]:
+            raise ValueError(
+                f"steering was set up for {deltas.shape[0]} rows but the batch has {region.shape[0]}"
+            )
+        if region.shape[-1] != deltas.shape[-1]:
+            raise ValueError(f"steering vectors have d_model {deltas.shape[-1]}, activation has {region.shape[-1]}")
+        return deltas.to(region.device)[:, None, :]
+
+    return delta
+
+
+def operator_delta(operator: nn.Module, strengths: float | torch.Tensor = 1.0) -> DeltaFunction:
+    """Delta function ``strengths[b] · operator(z)`` computed from the current activation ``z``.
+
+    Args:
+        operator: Maps ``[..., d_model]`` to ``[..., d_model]`` (e.g. the low-rank combination).
+        strengths: A scalar or ``[batch]``.
+    """
+    strengths = torch.as_tensor(strengths, dtype=torch.float32)
+    if strengths.ndim > 1 or not torch.isfinite(strengths).all():
+        raise ValueError(f"strengths must be a finite scalar or [batch], got {strengths}")
+    parameter = next(operator.parameters(), None)
+
+    def delta(region: torch.Tensor) -> torch.Tensor:
+        if strengths.ndim == 1 and strengths.shape[0] != region.shape[0]:
+            raise ValueError(f"steering was set up for {strengths.shape[0]} rows but the batch has {region.shape[0]}")
+        # The operator may be kept in float32 while the model runs in half precision.
+        inputs = region if parameter is None else region.to(parameter.dtype)
+        scale = strengths.to(region.device).reshape(-1, 1, 1) if strengths.ndim == 1 else strengths.to(region.device)
+        return scale * operator(inputs)
+
+    return delta
+
+
+def steering_hooks(
+    hooked: HookedModel,
+    layer: int,
+    delta: DeltaFunction,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+) -> contextlib.AbstractContextManager[HookedModel]:
+    """Context manager adding ``delta`` at ``blocks.{layer}.hook_{kind}``; the hook is removed in ``finally``.
+
+    Layer, kind and positions are validated here, before anything is registered.
+    """
+    return hooked.hooks([(hooked.hook_name(layer, kind), delta_hook(delta, positions))])
+
+
+def steer(
+    hooked: HookedModel,
+    layer: int,
+    vectors: torch.Tensor,
+    strengths: float | torch.Tensor = 1.0,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+) -> contextlib.AbstractContextManager[HookedModel]:
+    """Context manager steering with ``strengths · vectors`` (``[d_model]``/``[batch, d_model]``, scalar/``[batch]``)."""
+    _check_width(vectors, hooked.d_model)
+    return steering_hooks(hooked, layer, vector_delta(vectors.to(hooked.device), strengths), kind, positions)
+
+
+def steer_with_operator(
+    hooked: HookedModel,
+    layer: int,
+    operator: nn.Module,
+    strengths: float | torch.Tensor = 1.0,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+) -> contextlib.AbstractContextManager[HookedModel]:
+    """Context manager adding ``strengths · operator(z)`` where ``z`` is the hooked activation itself."""
+    return steering_hooks(hooked, layer, operator_delta(operator, strengths), kind, positions)
+
+
+def per_row_batch_hook(
+    hooked: HookedModel,
+    layer: int,
+    vectors: torch.Tensor,
+    strengths: torch.Tensor,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+) -> BatchHookFactory:
+    """A ``batch_hook`` for :func:`scripts.model.generate_ids`: row ``i`` of the inputs gets ``strengths[i] · vectors[i]``.
+
+    Args:
+        vectors: ``[N, d_model]``, one row per input text (zeros for unsteered rows).
+        strengths: ``[N]`` (0 for unsteered rows).
+
+    Raises:
+        ValueError: shapes disagree with each other or with the model width.
+    """
+    _check_width(vectors, hooked.d_model)
+    if vectors.ndim != 2 or strengths.ndim != 1 or vectors.shape[0] != strengths.shape[0]:
+        raise ValueError(
+            f"per-row steering needs vectors [N, d_model] and strengths [N], got {tuple(vectors.shape)} "
+            f"and {tuple(strengths.shape)}"
+        )
+    hooked.hook_name(layer, kind)
+    check_positions(positions)
+    vectors = vectors.to(hooked.device)
+
+    def factory(batch_indices: Sequence[int]) -> contextlib.AbstractContextManager[HookedModel]:
+        index = torch.as_tensor(list(batch_indices), dtype=torch.long)
+        return steer(hooked, layer, vectors[index.to(vectors.device)], strengths[index], kind, positions)
+
+    return factory
+
+
+def operator_batch_hook(
+    hooked: HookedModel,
+    layer: int,
+    operator: nn.Module,
+    strengths: torch.Tensor,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+) -> BatchHookFactory:
+    """A ``batch_hook`` adding ``strengths[i] · operator(z)`` to input row ``i`` (``strengths``: ``[N]``)."""
+    if strengths.ndim != 1:
+        raise ValueError(f"strengths must be [N], got shape {tuple(strengths.shape)}")
+    hooked.hook_name(layer, kind)
+    check_positions(positions)
+
+    def factory(batch_indices: Sequence[int]) -> contextlib.AbstractContextManager[HookedModel]:
+        index = torch.as_tensor(list(batch_indices), dtype=torch.long)
+        return steer_with_operator(hooked, layer, operator, strengths[index], kind, positions)
+
+    return factory
+
+
+def _check_width(vectors: torch.Tensor, d_model: int) -> None:
+    if vectors.shape[-1] != d_model:
+        raise ValueError(f"steering vectors have width {vectors.shape[-1]} but the model's d_model is {d_model}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batched last-position forward passes
+# ---------------------------------------------------------------------------------------------------
+
+
+def encode_texts(tokenizer, texts: Sequence[str], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids``/``attention_mask`` plus ``position_ids`` counted from each row's first real token.
+
+    Explicit position ids make a padded row's logits equal those of the row alone (and those of
+    ``generate``'s first step), so batching never changes a score.
+    """
+    from scripts.model import resolve_device
+
+    prepare_tokenizer(tokenizer)
+    encoded = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = encoded["attention_mask"]
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    target = resolve_device(device)
+    return {"input_ids": encoded["input_ids"].to(target), "attention_mask": mask.to(target),
+            "position_ids": positions.to(target)}
+
+
+def next_token_logits(model, encoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the next token after each row's last position: ``[batch, vocab]`` (only that position is projected)."""
+    return model(**encoded, logits_to_keep=1, use_cache=False).logits[:, -1, :]
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once the wanted layer has run."""
+
+
+def last_position_forward(
+    hooked: HookedModel,
+    texts: Sequence[str],
+    capture: str | None = None,
+    token_ids: Sequence[int] | None = None,
+    batch_hook: BatchHookFactory | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One batched, length-sorted forward pass over ``texts``, reading the last position.
+
+    Args:
+        capture: Hook name whose last-position activation to return (e.g. ``blocks.5.hook_resid_post``).
+        token_ids: Token ids whose next-token probabilities (softmax over the whole vocabulary) to return.
+            When ``None``, the pass stops right after ``capture``.
+        batch_hook: Entered around each batch with its input indices (steering).
+
+    Returns:
+        ``(activations [N, d_model] float32 or None, probabilities [N, len(token_ids)] or None)``, CPU, input order.
+    """
+    from tqdm.auto import tqdm
+
+    if capture is None and token_ids is None:
+        raise ValueError("nothing to compute: give capture, token_ids or both")
+    lengths = [len(ids) for ids in hooked.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    activations = torch.zeros(len(texts), hooked.d_model) if capture is not None else None
+    probabilities = torch.zeros(len(texts), len(token_ids)) if token_ids is not None else None
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long) if token_ids is not None else None
+    captured: list[torch.Tensor] = []
+
+    def capture_fn(activation: torch.Tensor, hook: object) -> None:
+        captured.append(activation[:, -1, :].detach().float().cpu())
+        if token_ids is None:
+            raise _StopForward
+
+    with torch.no_grad():
+        for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="forward", disable=not progress):
+            encoded = encode_texts(hooked.tokenizer, [texts[i] for i in batch], hooked.device)
+            captured.clear()
+            steering = batch_hook(batch) if batch_hook is not None else contextlib.nullcontext()
+            reading = hooked.hooks([(capture, capture_fn)]) if capture is not None else contextlib.nullcontext()
+            with steering, reading:
+                try:
+                    logits = next_token_logits(hooked.model, encoded)
+                except _StopForward:
+                    logits = None
+            rows = torch.as_tensor(batch, dtype=torch.long)
+            if activations is not None:
+                activations[rows] = captured[-1]
+            if probabilities is not None and logits is not None:
+                probabilities[rows] = torch.softmax(logits.float(), dim=-1)[:, ids.to(logits.device)].cpu()
+    return activations, probabilities
+
+
+def refusal_token_ids(tokenizer, category_set: CategorySet) -> list[int]:
+    """Token ids of the set's category tokens (registry order) followed by the compliance token."""
+    by_category = category_set.token_ids(tokenizer)
+    return [by_category[category] for category in category_set.categories] + [category_set.respond_token_id(tokenizer)]
+
+
+def refusal_token_probabilities(
+    hooked: HookedModel,
+    texts: Sequence[str],
+    category_set: CategorySet,
+    steering: "Condition | BatchHookFactory | None" = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Next-token probabilities of each refusal token and the compliance token at the assistant's first position.
+
+    Args:
+        texts: Chat-formatted inputs ending with the assistant turn's opening.
+        steering: ``None`` (unsteered), a ``batch_hook`` factory, or a :class:`Condition` (planned on
+            ``texts``, which then also serve as its ``prompts``).
+
+    Returns:
+        ``[N, n_categories + 1]`` float32 on CPU: columns are ``category_set.categories`` then ``respond``.
+    """
+    if steering is not None and hasattr(steering, "plan"):
+        steering = steering.plan(hooked, texts, texts).batch_hook
+    _, probabilities = last_position_forward(
+        hooked, texts, token_ids=refusal_token_ids(hooked.tokenizer, category_set), batch_hook=steering,
+        batch_size=batch_size, progress=progress,
+    )
+    return probabilities
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routers
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row's routing decision.
+
+    Attributes:
+        route: ``"harmful"`` (steer toward refusal), ``"benign"`` (steer away) or ``"unsteered"``.
+        category: Category whose vector is used (``None`` when unsteered).
+        strength: Signed steering strength (0 when unsteered).
+        info: Extra JSON-serialisable evidence (probe score, token probabilities).
+    """
+
+    route: str
+    category: str | None
+    strength: float
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def decision(self) -> dict[str, Any]:
+        """The row's decision record (``routed_category``: ``category`` is a reserved row field of the evaluation)."""
+        return {"route": self.route, "routed_category": self.category, "strength": float(self.strength), **self.info}
+
+
+class Router(Protocol):
+    """Decides, for each text, the category vector and signed strength to steer with."""
+
+    name: str
+    categories: list[str]
+
+    def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+
+class HarmfulnessProbe(Protocol):
+    """What :func:`probe_router` needs of a probe (``scripts.linear_probe``)."""
+
+    threshold: float
+
+    def predict_proba(self, activations: torch.Tensor) -> torch.Tensor:
+        """``[N, d_model]`` → harmful probability ``[N]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenRouter:
+    """Routes by the refusal token the model itself would emit first (see :func:`token_router`)."""
+
+    category_set: CategorySet
+    strength: float
+    respond_strength: float | None
+    batch_size: int
+    name: str = "token"
+
+    @property
+    def categories(self) -> list[str]:
+        return self.category_set.categories
+
+    def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
+        probabilities = refusal_token_probabilities(hooked, texts, self.category_set, batch_size=self.batch_size)
+        categories = self.categories
+        routes = []
+        for row in probabilities:
+            top = int(row.argmax())
+            best_category = int(row[:-1].argmax())
+            info = {
+                "first_token": categories[top] if top < len(categories) else RESPOND,
+                "first_token_probability": float(row[top]),
+            }
+            if top < len(categories):
+                routes.append(Route("harmful", categories[top], self.strength, info))
+            elif self.respond_strength is None:
+                routes.append(Route("unsteered", None, 0.0, info))
+            else:
+                routes.append(Route("benign", categories[best_category], self.respond_strength, info))
+        return routes
+
+    def metadata(self) -> dict[str, Any]:
+        return {"router": self.name, "category_set": self.category_set.name, "strength": self.strength,
+                "respond_strength": self.respond_strength}
+
+
+def token_router(
+    category_set: CategorySet,
+    strength: float = PAPER_POSITIVE_STRENGTH,
+    respond_strength: float | None = None,
+    batch_size: int = 16,
+) -> TokenRouter:
+    """The paper's "fixed" categorical steering: the model's own refusal token picks the vector.
+
+    One unsteered forward pass scores the next token at the assistant's first position; the argmax over
+    the category tokens and ``[respond]`` decides. A category token steers toward that category with
+    ``strength``. For ``[respond]`` the paper's code applies no steering (it looks for a category token
+    in the first 16 generated tokens and leaves the prompt unsteered when there is none), which is the
+    default ``respond_strength=None``; a number instead steers such rows with that strength along the
+    most likely category token's vector (negative: away from refusal).
+    """
+    return TokenRouter(category_set, float(strength), None if respond_strength is None else float(respond_strength),
+                       batch_size)
+
+
+@dataclass(frozen=True)
+class ProbeRouter:
+    """Routes by a harmful-vs-benign probe on the last prompt position (see :func:`probe_router`)."""
+
+    probe: HarmfulnessProbe
+    layer: int
+    category_set: CategorySet
+    positive_strength: float
+    negative_strength: float
+    category_source: str
+    kind: str
+    batch_size: int
+    name: str = "probe"
+
+    @property
+    def categories(self) -> list[str]:
+        return self.category_set.categories
+
+    def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
+        wants_tokens = self.category_source == "token"
+        activations, probabilities = last_position_forward(
+            hooked, texts, capture=hooked.hook_name(self.layer, self.kind),
+            token_ids=refusal_token_ids(hooked.tokenizer, self.category_set) if wants_tokens else None,
+            batch_size=self.batch_size,
+        )
+        scores = torch.as_tensor(self.probe.predict_proba(activations)).detach().float().cpu().reshape(-1)
+        if scores.shape[0] != len(texts):
+            raise ValueError(f"the probe returned {scores.shape[0]} scores for {len(texts)} texts")
+        category_probabilities = probabilities[:, :-1] if wants_tokens else self._head_probabilities(activations)
+        best = category_probabilities.argmax(dim=-1)
+        routes = []
+        for score, index, row in zip(scores.tolist(), best.tolist(), category_probabilities):
+            harmful = score >= float(self.probe.threshold)
+            info = {"probe_score": float(score), "category_probability": float(row[index])}
+            routes.append(Route("harmful" if harmful else "benign", self.categories[index],
+                                self.positive_strength if harmful else self.negative_strength, info))
+        return routes
+
+    def _head_probabilities(self, activations: torch.Tensor) -> torch.Tensor:
+        head = getattr(self.probe, "predict_category_proba", None)
+        if head is None:
+            raise ValueError("category_source='probe_head' needs a probe with a category head (predict_category_proba)")
+        names = list(getattr(self.probe, "categories", []) or [])
+        if names != self.categories:
+            raise ValueError(f"the probe's category head covers {names}, the category set has {self.categories}")
+        return torch.as_tensor(head(activations)).detach().float().cpu()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
+                "threshold": float(self.probe.threshold), "positive_strength": self.positive_strength,
+                "negative_strength": self.negative_strength, "category_source": self.category_source,
+                "category_set": self.category_set.name}
+
+
+def probe_router(
+    probe: HarmfulnessProbe,
+    layer: int,
+    category_set: CategorySet,
+    positive_strength: float = PAPER_POSITIVE_STRENGTH,
+    negative_strength: float = PAPER_NEGATIVE_STRENGTH,
+    category_source: str = "token",
+    kind: str = DEFAULT_KIND,
+    batch_size: int = 16,
+) -> ProbeRouter:
+    """The paper's probe-routed categorical steering.
+
+    One forward pass reads the last prompt position at ``layer``; a probe score at or above
+    ``probe.threshold`` routes the row as harmful (that category's vector, ``positive_strength``,
+    paper +4), otherwise as benign (``negative_strength``, paper −6: steer away from refusal).
+
+    Args:
+        category_source: ``"token"`` (paper): the category whose refusal token is most likely at the
+            assistant's first position, for harmful and benign rows alike; ``"probe_head"``: the argmax
+            of the probe's category head (``predict_category_proba``, ``categories``).
+    """
+    if category_source not in CATEGORY_SOURCES:
+        raise ValueError(f"unknown category_source {category_source!r}; valid: {list(CATEGORY_SOURCES)}")
+    return ProbeRouter(probe, layer, category_set, float(positive_strength), float(negative_strength),
+                       category_source, kind, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conditions
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SteeringPlan:
+    """What a condition decided for a list of prompts.
+
+    Attributes:
+        batch_hook: Passed to :func:`scripts.model.generate_ids` (``None``: no hooks at all).
+        decisions: One JSON-serialisable dict per row, e.g. ``{"route": "harmful", "routed_category":
+            ..., "strength": 4.0, "probe_score": 0.93}``.
+        metadata: Condition-level settings (layer, hook, strengths, router, vector norms).
+    """
+
+    batch_hook: BatchHookFactory | None
+    decisions: list[dict]
+    metadata: dict
+
+
+class Condition(Protocol):
+    """A steering condition: a name and a per-prompt plan."""
+
+    name: str
+
+    def plan(self, hooked: HookedModel, prompts: Sequence[str], texts: Sequence[str]) -> SteeringPlan: ...
+
+
+Planner = Callable[[HookedModel, Sequence[str]], SteeringPlan]
+
+
+@dataclass(frozen=True)
+class PlannedCondition:
+    """A :class:`Condition` whose plan is computed by ``planner(hooked, texts)``."""
+
+    name: str
+    planner: Planner
+
+    def plan(self, hooked: HookedModel, prompts: Sequence[str], texts: Sequence[str]) -> SteeringPlan:
+        if len(prompts) != len(texts):
+            raise ValueError(f"{len(prompts)} prompts but {len(texts)} texts")
+        plan = self.planner(hooked, texts)
+        plan.metadata = {"condition": self.name, **plan.metadata}
+        return plan
+
+
+def _vector_table(vectors: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """Category names and their vectors stacked as ``[n_categories, d_model]`` float32."""
+    if not vectors:
+        raise ValueError("no steering vectors given")
+    names = list(vectors)
+    shapes = {tuple(torch.as_tensor(vectors[name]).shape) for name in names}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"steering vectors must all be [d_model], got shapes {sorted(shapes)}")
+    return names, torch.stack([torch.as_tensor(vectors[name]).float() for name in names])
+
+
+def _steering_metadata(hooked: HookedModel, layer: int, kind: str, positions: str) -> dict[str, Any]:
+    return {"layer": layer, "hook": hooked.hook_name(layer, kind), "positions": positions}
+
+
+def baseline(name: str = "baseline") -> PlannedCondition:
+    """No steering: every row unsteered (strength 0), no hooks installed."""
+
+    def planner(hooked: HookedModel, texts: Sequence[str]) -> SteeringPlan:
+        decisions = [Route("unsteered", None, 0.0).decision() for _ in texts]
+        return SteeringPlan(None, decisions, {"steering": None})
+
+    return PlannedCondition(name, planner)
+
+
+def fixed_category(
+    vectors: Mapping[str, torch.Tensor],
+    strength: float,
+    category: str,
+    layer: int,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+    name: str | None = None,
+) -> PlannedCondition:
+    """Steer every row with ``category``'s vector at ``strength`` (positive: toward refusal)."""
+    names, table = _vector_table(vectors)
+    if category not in names:
+        raise KeyError(f"unknown category {category!r}; valid categories: {names}")
+    check_positions(positions)
+    route = Route("harmful" if strength > 0 else "benign" if strength < 0 else "unsteered",
+                  category, float(strength))
+
+    def planner(hooked: HookedModel, texts: Sequence[str]) -> SteeringPlan:
+        rows = table[names.index(category)].expand(len(texts), -1)
+        hook = per_row_batch_hook(hooked, layer, rows, torch.full((len(texts),), float(strength)), kind, positions)
+        metadata = {"steering": "fixed_category", "category": category, "strength": float(strength),
+                    **_steering_metadata(hooked, layer, kind, positions)}
+        return SteeringPlan(hook, [route.decision() for _ in texts], metadata)
+
+    return PlannedCondition(name or f"fixed_{category}_{strength:+g}", planner)
+
+
+def categorical(
+    vectors: Mapping[str, torch.Tensor],
+    router: Router,
+    layer: int,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+    name: str | None = None,
+) -> PlannedCondition:
+    """Per-row categorical steering: the router picks each row's category vector and signed strength.
+
+    Raises:
+        KeyError: the vectors' categories differ from the router's.
+    """
+    names, table = _vector_table(vectors)
+    if set(names) != set(router.categories):
+        raise KeyError(f"steering vectors cover {sorted(names)} but the router routes to {sorted(router.categories)}")
+    check_positions(positions)
+
+    def planner(hooked: HookedModel, texts: Sequence[str]) -> SteeringPlan:
+        routes = router.route(hooked, texts)
+        rows = torch.zeros(len(texts), table.shape[1])
+        strengths = torch.zeros(len(texts))
+        for index, route in enumerate(routes):
+            if route.category is not None and route.strength != 0:
+                rows[index] = table[names.index(route.category)]
+                strengths[index] = route.strength
+        metadata = {"steering": "categorical", "router": router.metadata(),
+                    "vector_norms": {n: float(v.norm()) for n, v in zip(names, table)},
+                    **_steering_metadata(hooked, layer, kind, positions)}
+        hook = per_row_batch_hook(hooked, layer, rows, strengths, kind, positions)
+        return SteeringPlan(hook, [route.decision() for route in routes], metadata)
+
+    return PlannedCondition(name or f"categorical_{router.name}", planner)
+
+
+def low_rank_combination(
+    operator: nn.Module,
+    layer: int,
+    strength: float = 1.0,
+    router: Router | None = None,
+    kind: str = DEFAULT_KIND,
+    positions: str = DEFAULT_POSITIONS,
+    name: str | None = None,
+) -> PlannedCondition:
+    """Steer with a learned operator: each steered position gets ``strength · operator(z)``, ``z`` its own activation.
+
+    Args:
+        operator: e.g. :class:`scripts.low_rank_combination_steering.LowRankCombinationSteering`.
+        strength: Strength for every row when ``router`` is ``None`` (the paper's setting).
+        router: Optional: each row's strength is then the router's signed strength (its category is
+            ignored: the operator mixes all category directions itself).
+    """
+    check_positions(positions)
+
+    def planner(hooked: HookedModel, texts: Sequence[str]) -> SteeringPlan:
+        if router is None:
+            routes = [Route("low_rank", None, float(strength)) for _ in texts]
+        else:
+            routes = [Route(r.route, None, r.strength, r.info) for r in router.route(hooked, texts)]
+        strengths = torch.tensor([route.strength for route in routes], dtype=torch.float32)
+        metadata = {"steering": "low_rank_combination", "strength": float(strength),
+                    "router": None if router is None else router.metadata(),
+                    "operator": getattr(operator, "describe", lambda: type(operator).__name__)(),
+                    **_steering_metadata(hooked, layer, kind, positions)}
+        hook = operator_batch_hook(hooked, layer, operator, strengths, kind, positions)
+        return SteeringPlan(hook, [route.decision() for route in routes], metadata)
+
+    return PlannedCondition(name or "low_rank_combination", planner)
