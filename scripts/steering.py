@@ -27,14 +27,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from scripts.activation_caching import cache_activations, position_ids_from_mask
 from scripts.hooked_model import HookedModel, HookFunction
-from scripts.model import BatchHookFactory, length_sorted_batches, prepare_tokenizer
+from scripts.model import BatchHookFactory, length_sorted_batches, prepare_tokenizer, resolve_device
 from scripts.refusal_tokens import CategorySet
+
+if TYPE_CHECKING:
+    from scripts.steering_vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,9 @@ PAPER_POSITIVE_STRENGTH = 4.0
 PAPER_NEGATIVE_STRENGTH = -6.0
 CATEGORY_SOURCES: tuple[str, ...] = ("token", "probe_head")
 RESPOND = "respond"
+
+VectorSource = "Mapping[str, torch.Tensor] | SteeringVectors"
+"""Category → ``[d_model]`` steering vector, as a plain mapping or a saved ``SteeringVectors``."""
 
 DeltaFunction = Callable[[torch.Tensor], torch.Tensor]
 """``delta(region [batch, pos, d_model]) -> [batch, pos or 1, d_model]``: what to add to ``region``."""
@@ -260,15 +267,14 @@ def encode_texts(tokenizer, texts: Sequence[str], device: str | torch.device | N
     Explicit position ids make a padded row's logits equal those of the row alone (and those of
     ``generate``'s first step), so batching never changes a score.
     """
-    from scripts.model import resolve_device
-
     prepare_tokenizer(tokenizer)
     encoded = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
-    mask = encoded["attention_mask"]
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
     target = resolve_device(device)
-    return {"input_ids": encoded["input_ids"].to(target), "attention_mask": mask.to(target),
-            "position_ids": positions.to(target)}
+    return {
+        "input_ids": encoded["input_ids"].to(target),
+        "attention_mask": encoded["attention_mask"].to(target),
+        "position_ids": position_ids_from_mask(encoded["attention_mask"]).to(target),
+    }
 
 
 def next_token_logits(model, encoded: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -276,44 +282,40 @@ def next_token_logits(model, encoded: Mapping[str, torch.Tensor]) -> torch.Tenso
     return model(**encoded, logits_to_keep=1, use_cache=False).logits[:, -1, :]
 
 
-class _StopForward(Exception):
-    """Raised by a capture hook to end a forward pass once the wanted layer has run."""
-
-
 def last_position_forward(
     hooked: HookedModel,
     texts: Sequence[str],
+    token_ids: Sequence[int],
     capture: str | None = None,
-    token_ids: Sequence[int] | None = None,
     batch_hook: BatchHookFactory | None = None,
     batch_size: int = 16,
     progress: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batched, length-sorted forward pass over ``texts``, reading the last position.
 
+    (Activations alone come cheaper from :func:`scripts.activation_caching.cache_activations`, which
+    stops at the layer; this pass runs the whole model because it needs the next-token distribution.)
+
     Args:
-        capture: Hook name whose last-position activation to return (e.g. ``blocks.5.hook_resid_post``).
         token_ids: Token ids whose next-token probabilities (softmax over the whole vocabulary) to return.
-            When ``None``, the pass stops right after ``capture``.
+        capture: Hook name whose last-position activation to return too (e.g. ``blocks.5.hook_resid_post``).
         batch_hook: Entered around each batch with its input indices (steering).
 
     Returns:
-        ``(activations [N, d_model] float32 or None, probabilities [N, len(token_ids)] or None)``, CPU, input order.
+        ``(probabilities [N, len(token_ids)], activations [N, d_model] or None)``, float32 on CPU, input order.
     """
     from tqdm.auto import tqdm
 
-    if capture is None and token_ids is None:
-        raise ValueError("nothing to compute: give capture, token_ids or both")
+    if not texts:
+        raise ValueError("no texts given")
     lengths = [len(ids) for ids in hooked.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    probabilities = torch.zeros(len(texts), len(token_ids))
     activations = torch.zeros(len(texts), hooked.d_model) if capture is not None else None
-    probabilities = torch.zeros(len(texts), len(token_ids)) if token_ids is not None else None
-    ids = torch.as_tensor(list(token_ids), dtype=torch.long) if token_ids is not None else None
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=hooked.device)
     captured: list[torch.Tensor] = []
 
     def capture_fn(activation: torch.Tensor, hook: object) -> None:
         captured.append(activation[:, -1, :].detach().float().cpu())
-        if token_ids is None:
-            raise _StopForward
 
     with torch.no_grad():
         for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="forward", disable=not progress):
@@ -322,16 +324,12 @@ def last_position_forward(
             steering = batch_hook(batch) if batch_hook is not None else contextlib.nullcontext()
             reading = hooked.hooks([(capture, capture_fn)]) if capture is not None else contextlib.nullcontext()
             with steering, reading:
-                try:
-                    logits = next_token_logits(hooked.model, encoded)
-                except _StopForward:
-                    logits = None
+                logits = next_token_logits(hooked.model, encoded)
             rows = torch.as_tensor(batch, dtype=torch.long)
+            probabilities[rows] = torch.softmax(logits.float(), dim=-1)[:, ids].cpu()
             if activations is not None:
                 activations[rows] = captured[-1]
-            if probabilities is not None and logits is not None:
-                probabilities[rows] = torch.softmax(logits.float(), dim=-1)[:, ids.to(logits.device)].cpu()
-    return activations, probabilities
+    return probabilities, activations
 
 
 def refusal_token_ids(tokenizer, category_set: CategorySet) -> list[int]:
@@ -360,8 +358,8 @@ def refusal_token_probabilities(
     """
     if steering is not None and hasattr(steering, "plan"):
         steering = steering.plan(hooked, texts, texts).batch_hook
-    _, probabilities = last_position_forward(
-        hooked, texts, token_ids=refusal_token_ids(hooked.tokenizer, category_set), batch_hook=steering,
+    probabilities, _ = last_position_forward(
+        hooked, texts, refusal_token_ids(hooked.tokenizer, category_set), batch_hook=steering,
         batch_size=batch_size, progress=progress,
     )
     return probabilities
@@ -405,12 +403,20 @@ class Router(Protocol):
 
 
 class HarmfulnessProbe(Protocol):
-    """What :func:`probe_router` needs of a probe (``scripts.linear_probe``)."""
+    """What :func:`probe_router` needs of a probe (:class:`scripts.linear_probe.LinearProbe` fits).
+
+    ``predict_category_proba(features) -> [N, C]`` and ``categories`` are needed only with
+    ``category_source="probe_head"``.
+    """
 
     threshold: float
 
-    def predict_proba(self, activations: torch.Tensor) -> torch.Tensor:
+    def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, d_model]`` → harmful probability ``[N]``."""
+        ...
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N, d_model]`` → ``[N]``: 1 where harmful at the probe's own threshold, else 0."""
         ...
 
 
@@ -490,66 +496,85 @@ class ProbeRouter:
         return self.category_set.categories
 
     def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
-        wants_tokens = self.category_source == "token"
-        activations, probabilities = last_position_forward(
-            hooked, texts, capture=hooked.hook_name(self.layer, self.kind),
-            token_ids=refusal_token_ids(hooked.tokenizer, self.category_set) if wants_tokens else None,
-            batch_size=self.batch_size,
-        )
-        scores = torch.as_tensor(self.probe.predict_proba(activations)).detach().float().cpu().reshape(-1)
-        if scores.shape[0] != len(texts):
-            raise ValueError(f"the probe returned {scores.shape[0]} scores for {len(texts)} texts")
-        category_probabilities = probabilities[:, :-1] if wants_tokens else self._head_probabilities(activations)
+        if self.category_source == "token":
+            probabilities, activations = last_position_forward(
+                hooked, texts, refusal_token_ids(hooked.tokenizer, self.category_set),
+                capture=hooked.hook_name(self.layer, self.kind), batch_size=self.batch_size,
+            )
+            category_probabilities = probabilities[:, :-1]
+        else:
+            cached = cache_activations(hooked, texts, self.layer, self.kind, batch_size=self.batch_size, progress=False)
+            activations = cached.layer(cached.layers[0])
+            category_probabilities = self._head_probabilities(activations)
+        # The decision is the probe's own (it may threshold logits, which do not saturate like probabilities).
+        scores = torch.as_tensor(self.probe.predict_proba(activations)).detach().float().cpu()
+        harmful = torch.as_tensor(self.probe.predict(activations)).detach().cpu().bool()
+        if scores.shape != (len(texts),) or harmful.shape != (len(texts),):
+            raise ValueError(
+                f"the probe returned probabilities {tuple(scores.shape)} and decisions {tuple(harmful.shape)} "
+                f"for {len(texts)} texts; expected [N] and [N]"
+            )
         best = category_probabilities.argmax(dim=-1)
         routes = []
-        for score, index, row in zip(scores.tolist(), best.tolist(), category_probabilities):
-            harmful = score >= float(self.probe.threshold)
+        for score, is_harmful, index, row in zip(scores.tolist(), harmful.tolist(), best.tolist(),
+                                                 category_probabilities):
             info = {"probe_score": float(score), "category_probability": float(row[index])}
-            routes.append(Route("harmful" if harmful else "benign", self.categories[index],
-                                self.positive_strength if harmful else self.negative_strength, info))
+            routes.append(Route("harmful" if is_harmful else "benign", self.categories[index],
+                                self.positive_strength if is_harmful else self.negative_strength, info))
         return routes
 
     def _head_probabilities(self, activations: torch.Tensor) -> torch.Tensor:
-        head = getattr(self.probe, "predict_category_proba", None)
-        if head is None:
+        names = list(getattr(self.probe, "categories", None) or [])
+        if not names or not hasattr(self.probe, "predict_category_proba"):
             raise ValueError("category_source='probe_head' needs a probe with a category head (predict_category_proba)")
-        names = list(getattr(self.probe, "categories", []) or [])
         if names != self.categories:
-            raise ValueError(f"the probe's category head covers {names}, the category set has {self.categories}")
-        return torch.as_tensor(head(activations)).detach().float().cpu()
+            raise KeyError(f"the probe's category head covers {names}, the category set has {self.categories}")
+        return torch.as_tensor(self.probe.predict_category_proba(activations)).detach().float().cpu()
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
-                "threshold": float(self.probe.threshold), "positive_strength": self.positive_strength,
-                "negative_strength": self.negative_strength, "category_source": self.category_source,
-                "category_set": self.category_set.name}
+                "probe_threshold": float(self.probe.threshold),
+                "positive_strength": self.positive_strength, "negative_strength": self.negative_strength,
+                "category_source": self.category_source, "category_set": self.category_set.name}
 
 
 def probe_router(
     probe: HarmfulnessProbe,
-    layer: int,
+    layer: int | None,
     category_set: CategorySet,
     positive_strength: float = PAPER_POSITIVE_STRENGTH,
     negative_strength: float = PAPER_NEGATIVE_STRENGTH,
     category_source: str = "token",
-    kind: str = DEFAULT_KIND,
+    kind: str | None = None,
     batch_size: int = 16,
 ) -> ProbeRouter:
     """The paper's probe-routed categorical steering.
 
-    One forward pass reads the last prompt position at ``layer``; a probe score at or above
-    ``probe.threshold`` routes the row as harmful (that category's vector, ``positive_strength``,
-    paper +4), otherwise as benign (``negative_strength``, paper −6: steer away from refusal).
+    One forward pass reads the last prompt position at ``layer``; rows the probe calls harmful (at its
+    own threshold, ``probe.predict``) are steered toward refusal with their category's vector and
+    ``positive_strength`` (paper +4), the others away from it with ``negative_strength`` (paper −6).
 
     Args:
-        category_source: ``"token"`` (paper): the category whose refusal token is most likely at the
+        layer: Layer the probe reads; ``None`` takes the probe's own ``layer`` attribute.
+        category_source: ``"token"`` (the paper): the category whose refusal token is most likely at the
             assistant's first position, for harmful and benign rows alike; ``"probe_head"``: the argmax
-            of the probe's category head (``predict_category_proba``, ``categories``).
+            of the probe's category head (``predict_category_proba``; its ``categories`` must be the set's).
+        kind: Hook kind the probe reads; ``None`` takes the probe's ``hook_kind`` (default ``resid_post``).
+
+    Raises:
+        ValueError: an unknown ``category_source``, no layer, or a layer/kind that contradicts the probe's.
     """
     if category_source not in CATEGORY_SOURCES:
         raise ValueError(f"unknown category_source {category_source!r}; valid: {list(CATEGORY_SOURCES)}")
-    return ProbeRouter(probe, layer, category_set, float(positive_strength), float(negative_strength),
-                       category_source, kind, batch_size)
+    probe_layer, probe_kind = getattr(probe, "layer", None), getattr(probe, "hook_kind", None)
+    if layer is None and probe_layer is None:
+        raise ValueError("no layer given and the probe does not record one")
+    if layer is not None and probe_layer is not None and layer != probe_layer:
+        raise ValueError(f"the probe was trained on layer {probe_layer}, not {layer}")
+    if kind is not None and probe_kind is not None and kind != probe_kind:
+        raise ValueError(f"the probe was trained on hook kind {probe_kind!r}, not {kind!r}")
+    return ProbeRouter(probe, probe_layer if layer is None else layer, category_set, float(positive_strength),
+                       float(negative_strength), category_source, kind or probe_kind or DEFAULT_KIND, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -599,15 +624,23 @@ class PlannedCondition:
         return plan
 
 
-def _vector_table(vectors: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
-    """Category names and their vectors stacked as ``[n_categories, d_model]`` float32."""
-    if not vectors:
+def _vector_table(vectors: VectorSource, layer: int, kind: str) -> tuple[list[str], torch.Tensor]:
+    """Category names and their vectors stacked as ``[n_categories, d_model]`` float32.
+
+    A :class:`~scripts.steering_vectors.SteeringVectors` made at another hook point than the one steered
+    is allowed (cross-layer experiments) but logged.
+    """
+    mapping = getattr(vectors, "vectors", vectors)
+    if not mapping:
         raise ValueError("no steering vectors given")
-    names = list(vectors)
-    shapes = {tuple(torch.as_tensor(vectors[name]).shape) for name in names}
+    source = (getattr(vectors, "layer", layer), getattr(vectors, "hook_kind", kind))
+    if source != (layer, kind):
+        logger.warning("steering at layer %d (%s) with vectors computed at layer %d (%s)", layer, kind, *source)
+    names = list(mapping)
+    shapes = {tuple(torch.as_tensor(mapping[name]).shape) for name in names}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"steering vectors must all be [d_model], got shapes {sorted(shapes)}")
-    return names, torch.stack([torch.as_tensor(vectors[name]).float() for name in names])
+    return names, torch.stack([torch.as_tensor(mapping[name]).float() for name in names])
 
 
 def _steering_metadata(hooked: HookedModel, layer: int, kind: str, positions: str) -> dict[str, Any]:
@@ -625,7 +658,7 @@ def baseline(name: str = "baseline") -> PlannedCondition:
 
 
 def fixed_category(
-    vectors: Mapping[str, torch.Tensor],
+    vectors: VectorSource,
     strength: float,
     category: str,
     layer: int,
@@ -634,7 +667,7 @@ def fixed_category(
     name: str | None = None,
 ) -> PlannedCondition:
     """Steer every row with ``category``'s vector at ``strength`` (positive: toward refusal)."""
-    names, table = _vector_table(vectors)
+    names, table = _vector_table(vectors, layer, kind)
     if category not in names:
         raise KeyError(f"unknown category {category!r}; valid categories: {names}")
     check_positions(positions)
@@ -652,7 +685,7 @@ def fixed_category(
 
 
 def categorical(
-    vectors: Mapping[str, torch.Tensor],
+    vectors: VectorSource,
     router: Router,
     layer: int,
     kind: str = DEFAULT_KIND,
@@ -664,7 +697,7 @@ def categorical(
     Raises:
         KeyError: the vectors' categories differ from the router's.
     """
-    names, table = _vector_table(vectors)
+    names, table = _vector_table(vectors, layer, kind)
     if set(names) != set(router.categories):
         raise KeyError(f"steering vectors cover {sorted(names)} but the router routes to {sorted(router.categories)}")
     check_positions(positions)

@@ -185,7 +185,7 @@ def test_token_router_follows_the_models_first_token(hooked, texts):
 
 
 class _LinearProbe:
-    """A stand-in probe: sigmoid of a fixed linear score, with a category head."""
+    """A stand-in probe with the interface of ``scripts.linear_probe.LinearProbe``: logistic score, category head."""
 
     def __init__(self, weight: torch.Tensor, threshold: float, head: torch.Tensor) -> None:
         self.weight, self.threshold, self.head = weight, threshold, head
@@ -193,6 +193,9 @@ class _LinearProbe:
 
     def predict_proba(self, activations: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(activations @ self.weight)
+
+    def predict(self, activations: torch.Tensor) -> torch.Tensor:
+        return (self.predict_proba(activations) >= self.threshold).long()
 
     def predict_category_proba(self, activations: torch.Tensor) -> torch.Tensor:
         return torch.softmax(activations @ self.head, dim=-1)
@@ -248,6 +251,22 @@ def test_categorical_condition_applies_each_rows_routed_vector(hooked, texts):
     for row, decision in enumerate(plan.decisions):
         with steering.steer(hooked, LAYER, vectors[decision["routed_category"]], decision["strength"]):
             torch.testing.assert_close(batched[row], _single_logits(hooked, texts[row]), atol=1e-5, rtol=1e-5)
+
+
+def test_probe_router_with_a_real_linear_probe(hooked, texts):
+    from scripts.linear_probe import LinearProbe
+
+    reference = _reference_activations(hooked, texts)
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    probe = LinearProbe(hooked.d_model, layer=LAYER, hook_kind="resid_post", categories=CATEGORIES.categories)
+    probe.fit(reference, labels, categories=[CATEGORIES.categories[1] if y else None for y in labels.tolist()],
+              progress=False)
+    routes = steering.probe_router(probe, None, CATEGORIES, category_source="probe_head").route(hooked, texts)
+    expected = probe.predict(reference).tolist()
+    assert [r.route for r in routes] == ["harmful" if y else "benign" for y in expected]
+    assert [r.category for r in routes] == probe.predict_category(reference)
+    with pytest.raises(ValueError, match="trained on layer"):
+        steering.probe_router(probe, LAYER + 1, CATEGORIES)
 
 
 def test_baseline_condition_installs_nothing(hooked, texts):
