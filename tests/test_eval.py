@@ -74,7 +74,8 @@ class AddVector:
 
             return hooked.hooks([(hooked.hook_name(self.layer), add)])
 
-        return SteeringPlan(batch_hook, [{"strength": s} for s in strengths], {"layer": self.layer, "scale": self.scale})
+        metadata = {"layer": self.layer, "scale": self.scale}
+        return SteeringPlan(batch_hook, [{"strength": s} for s in strengths], metadata)
 
 
 class KillAfter:
@@ -247,7 +248,9 @@ def test_with_steering_module_conditions(hooked, records, tmp_path):
     vectors = {name: torch.randn(hooked.d_model, generator=torch.Generator().manual_seed(i))
                for i, name in enumerate(DONOTANSWER_CATEGORIES.categories)}
     base = read_jsonl(_run(hooked, records, baseline(), tmp_path / "base.jsonl"))
-    zero = read_jsonl(_run(hooked, records, fixed_category(vectors, 0.0, "malicious_uses", 1, name="z"), tmp_path / "z.jsonl"))
+    zero = read_jsonl(
+        _run(hooked, records, fixed_category(vectors, 0.0, "malicious_uses", 1, name="z"), tmp_path / "z.jsonl")
+    )
     pushed = read_jsonl(
         _run(hooked, records, fixed_category(vectors, 30.0, "malicious_uses", 1, name="p"), tmp_path / "p.jsonl")
     )

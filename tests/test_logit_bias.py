@@ -1,4 +1,4 @@
-"""Tests of scripts.logit_bias: the biased log-probabilities equal the softmax reference; generation follows the bias."""
+"""Tests of scripts.logit_bias: biased log-probabilities equal the softmax reference; generation follows the bias."""
 
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ def _random_vectors(seed: int, d: int = 64) -> dict[str, torch.Tensor]:
 
 def _mean_difference_vectors(hooked: HookedModel) -> dict[str, torch.Tensor]:
     """One vector per category: the last-position activation of a category prompt minus that of a benign prompt."""
-    texts = format_chat(hooked.tokenizer, PROMPTS + [f"Question number {i} about {c}" for i, c in enumerate(CATEGORIES)])
+    category_prompts = [f"Question number {i} about {c}" for i, c in enumerate(CATEGORIES)]
+    texts = format_chat(hooked.tokenizer, PROMPTS + category_prompts)
     rows = []
     for text in texts:
         ids = hooked.tokenizer(text, return_tensors="pt", add_special_tokens=False)
