@@ -12,6 +12,7 @@ condition's per-row decision fields (e.g. ``strength``, ``routed_category``) and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -99,11 +100,29 @@ def repair_truncated_tail(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def completed_ids(path: str | os.PathLike[str], condition_name: str) -> set[str]:
+def _nested_field(row: Mapping[str, Any], dotted: str) -> Any:
+    """``row["a"]["b"]`` for ``"a.b"``; ``None`` where a level is missing."""
+    value: Any = row
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
+
+
+def completed_ids(
+    path: str | os.PathLike[str], condition_name: str, expected: Mapping[str, Any] | None = None
+) -> set[str]:
     """Ids already written to a generations file (after repairing a truncated tail).
 
+    Args:
+        path: Generations JSONL file (missing: nothing done yet).
+        condition_name: The condition every row must belong to.
+        expected: Field → value every existing row must carry (e.g. ``model``, ``seed``; a dotted name
+            such as ``generation.max_new_tokens`` reads a nested field), so a resumed run never mixes
+            rows made with other settings into one file.
+
     Raises:
-        JSONLError: a row lacks ``id``, belongs to another condition, or repeats an id.
+        JSONLError: a row lacks ``id``, belongs to another condition, repeats an id, or differs from
+            ``expected``; the message names file, line, field and both values.
     """
     path = Path(path)
     repair_truncated_tail(path)
@@ -122,6 +141,15 @@ def completed_ids(path: str | os.PathLike[str], condition_name: str) -> set[str]
             )
         if row["id"] in done:
             raise JSONLError(path, line_number, f"duplicate id {row['id']!r}")
+        for key, value in (expected or {}).items():
+            found = _nested_field(row, key)
+            if found != value:
+                raise JSONLError(
+                    path,
+                    line_number,
+                    f"row was made with {key}={found!r} but this run has {key}={value!r}; "
+                    "write to another file or delete this one",
+                )
         done.add(row["id"])
     return done
 
@@ -190,6 +218,12 @@ def _build_rows(
         }
         row.update(decision)
         row.update(run_metadata)
+        try:
+            json.dumps(row)
+        except (TypeError, ValueError) as error:
+            # Checked before appending, so a bad row never leaves a half-written chunk behind.
+            message = f"condition {condition_name!r}: row {record.id!r} is not JSON-serialisable: {error}"
+            raise TypeError(message) from error
         rows.append(row)
     return rows
 
@@ -245,11 +279,14 @@ def run_condition(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_unique_ids(records)
     out_path = Path(out_path)
-    done = completed_ids(out_path, condition.name)
+    settings = GenerationSettings(batch_size, max_new_tokens, do_sample, temperature, top_p, system_prompt)
+    # Batch size only changes padding, so a run may resume with another one.
+    resume_check = {"model": hooked.name, "seed": seed}
+    resume_check.update({f"generation.{k}": v for k, v in settings.to_dict().items() if k != "batch_size"})
+    done = completed_ids(out_path, condition.name, resume_check)
     unknown = done - {record.id for record in records}
     if unknown:
         logger.warning("%s holds %d ids that are not among the given records; they are kept", out_path, len(unknown))
-    settings = GenerationSettings(batch_size, max_new_tokens, do_sample, temperature, top_p, system_prompt)
     lookup = _refusal_token_lookup(hooked.tokenizer, category_set)
     remaining = sum(record.id not in done for record in records)
     if done:

@@ -33,12 +33,17 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hooked() -> HookedModel:
+def build() -> HookedModel:
+    """The tiny model with refusal tokens, wrapped (deterministic: the same weights in every process)."""
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer)
     add_refusal_tokens(tokenizer, DONOTANSWER_CATEGORIES, model=model)
     return wrap_model(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def hooked() -> HookedModel:
+    return build()
 
 
 @pytest.fixture()
@@ -261,3 +266,68 @@ def test_with_steering_module_conditions(hooked, records, tmp_path):
     assert pushed[0]["condition_metadata"]["condition"] == "p"
     assert pushed[0]["condition_metadata"]["hook"] == "blocks.1.hook_resid_post"
     assert {row["route"] for row in base} == {"unsteered"}
+
+
+def test_resume_with_other_settings_raises(hooked, records, tmp_path):
+    condition = AddVector("steer", _vector(hooked), 5.0)
+    path = tmp_path / "gen.jsonl"
+    run_condition(hooked, records[:4], condition, path, max_new_tokens=3, progress=False)
+    with pytest.raises(JSONLError, match="gen.jsonl:1: row was made with generation.max_new_tokens=3 .* has .*=4"):
+        run_condition(hooked, records, condition, path, max_new_tokens=4, progress=False)
+    with pytest.raises(JSONLError, match="seed=0 but this run has seed=1"):
+        run_condition(hooked, records, condition, path, max_new_tokens=3, seed=1, progress=False)
+    # Another batch size only changes padding: resuming with it is allowed.
+    run_condition(hooked, records, condition, path, max_new_tokens=3, batch_size=2, progress=False)
+    assert [row["id"] for row in read_jsonl(path)] == [record.id for record in records]
+
+
+def test_unserialisable_decision_raises_before_writing(hooked, records, tmp_path):
+    class Bad:
+        name = "bad"
+
+        def plan(self, hooked_model, prompts, texts):
+            return SteeringPlan(None, [{"vector": torch.zeros(2)} for _ in prompts], {})
+
+    path = tmp_path / "bad.jsonl"
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        _run(hooked, records[:2], Bad(), path)
+    assert not path.exists()
+
+
+KILLED_RUN = """
+import os, signal, sys, torch
+from scripts.eval import run_condition
+from scripts.records import PromptRecord
+from tests.test_eval import PROMPTS, AddVector, build
+hooked = build()
+records = [PromptRecord(prompt=p, label="benign", category="c", source="test") for p in PROMPTS]
+inner = AddVector("steer", torch.randn(hooked.d_model, generator=torch.Generator().manual_seed(1)), 5.0)
+calls = []
+class KillSelf:
+    name = "steer"
+    def plan(self, hooked_model, prompts, texts):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return inner.plan(hooked_model, prompts, texts)
+run_condition(hooked, records, KillSelf(), sys.argv[1], batch_size=3, max_new_tokens=6, chunk_size=4, progress=False)
+"""
+
+
+def test_sigkilled_process_resumes_to_the_uninterrupted_result(hooked, tmp_path):
+    """A real SIGKILL of the generating process between chunks; the resumed file equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    records = [PromptRecord(prompt=p, label="benign", category="c", source="test") for p in PROMPTS]
+    condition = AddVector("steer", _vector(hooked), 5.0)
+    reference = read_jsonl(_run(hooked, records, condition, tmp_path / "full.jsonl"))
+    path = tmp_path / "killed.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", KILLED_RUN, str(path)], cwd=root, env=env, capture_output=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    assert len(read_jsonl(path)) == 8  # two chunks of four survived the kill
+    assert read_jsonl(_run(hooked, records, condition, path)) == reference
