@@ -347,7 +347,7 @@ def evaluate_matchers(items: Sequence[LabelledCompletion]) -> dict[str, dict[str
 def main(argv: Sequence[str] | None = None) -> int:
     """Print how the phrase judge and the baselines agree with human labels."""
     parser = argparse.ArgumentParser(description="Evaluate refusal matchers against human-labelled completions.")
-    parser.add_argument("--split", choices=("dev", "heldout", "all"), default="dev", help="split of the stored set")
+    parser.add_argument("--split", choices=("dev", "heldout1", "heldout2", "all"), default="dev", help="split of the stored set")
     parser.add_argument("--xstest-full", action="store_true", help="also score the five full XSTest files (fetched into the cache)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
