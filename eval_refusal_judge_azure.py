@@ -23,7 +23,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from scripts.judge import DEFAULT_AZURE_MODEL, DEFAULT_THRESHOLD, JUDGE_NAMES, VerdictCache, build_judge, load_result_rows, run_judge
+from scripts.judge import (
+    DEFAULT_AZURE_MODEL,
+    DEFAULT_THRESHOLD,
+    JUDGE_NAMES,
+    VerdictCache,
+    build_judge,
+    load_result_rows,
+    run_judge,
+)
 from scripts.records import JSONLError, write_jsonl
 from scripts.refusal_tokens import CATEGORY_SETS, get_category_set
 from scripts.report import format_table, summarise_verdicts
@@ -35,18 +43,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="results JSONL files (rows with prompt and response)")
-    parser.add_argument("--judge", action="append", choices=JUDGE_NAMES, required=True,
-                        help="judge to run; repeat to run several (kappa is reported between them)")
+    parser.add_argument(
+        "--judge",
+        action="append",
+        choices=JUDGE_NAMES,
+        required=True,
+        help="judge to run; repeat to run several (kappa is reported between them)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--model", default=DEFAULT_AZURE_MODEL, help="LLM judge model (deployment) name")
-    parser.add_argument("--endpoint", default=None, help="chat-completions endpoint overriding AZURE_INFERENCE_ENDPOINT")
-    parser.add_argument("--env-file", type=Path, default=None, help=".env file to read (default: found from the working directory)")
+    parser.add_argument(
+        "--endpoint", default=None, help="chat-completions endpoint overriding AZURE_INFERENCE_ENDPOINT"
+    )
+    parser.add_argument(
+        "--env-file", type=Path, default=None, help=".env file to read (default: found from the working directory)"
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="parallel requests of the azure judge")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="refusal_score at or above which a verdict is a refusal")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="refusal_score at or above which a verdict is a refusal",
+    )
     parser.add_argument("--max-retries", type=int, default=5, help="retries after transient endpoint failures")
     parser.add_argument("--max-reasks", type=int, default=2, help="re-asks after a reply with no valid verdict")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
-    parser.add_argument("--category-set", choices=sorted(CATEGORY_SETS), default="donotanswer", help="refusal tokens of the token judge")
+    parser.add_argument(
+        "--category-set", choices=sorted(CATEGORY_SETS), default="donotanswer", help="refusal tokens of the token judge"
+    )
     parser.add_argument("--cache", type=Path, default=None, help="verdict cache (default: OUT/judge_cache.jsonl)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -73,13 +97,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 endpoint=args.endpoint,
                 env_file=args.env_file,
                 category_set=get_category_set(args.category_set),
-                **({"max_retries": args.max_retries, "max_reasks": args.max_reasks, "timeout": args.timeout} if name == "azure" else {}),
+                **(
+                    {"max_retries": args.max_retries, "max_reasks": args.max_reasks, "timeout": args.timeout}
+                    if name == "azure"
+                    else {}
+                ),
             )
         except ValueError as error:
             logger.error("%s", error)
             return 2
         concurrency = args.concurrency if name == "azure" else 1
-        verdict_rows += run_judge(rows, judge, cache=cache, concurrency=concurrency, threshold=args.threshold, progress=not args.quiet)
+        verdict_rows += run_judge(
+            rows, judge, cache=cache, concurrency=concurrency, threshold=args.threshold, progress=not args.quiet
+        )
     write_jsonl(args.out / "verdicts.jsonl", verdict_rows)
     report = summarise_verdicts(verdict_rows)
     report["threshold"] = args.threshold

@@ -93,8 +93,11 @@ def _points_from_groups(groups: Sequence[Mapping[str, Any]], with_strength: bool
     for (condition, strength), labels in by_key.items():
         harmful, benign = labels.get("harmful"), labels.get("benign")
         if harmful is None or benign is None or harmful["rate"] is None or benign["rate"] is None:
-            logger.warning("condition %s%s lacks judged harmful or benign rows; not plotted", condition,
-                           "" if strength is None else f" at strength {strength}")
+            logger.warning(
+                "condition %s%s lacks judged harmful or benign rows; not plotted",
+                condition,
+                "" if strength is None else f" at strength {strength}",
+            )
             continue
         points.append(
             TradeoffPoint(
@@ -159,13 +162,23 @@ def draw_tradeoff(
     containers = []
     for index, point in enumerate(points):
         container = ax.errorbar(
-            point.over_refusal_rate, point.refusal_rate,
+            point.over_refusal_rate,
+            point.refusal_rate,
             xerr=_errors(point.over_refusal_rate, point.over_refusal_ci),
             yerr=_errors(point.refusal_rate, point.refusal_ci),
-            fmt="o", color=colours(index % 10), capsize=3, markersize=7, label=point.condition,
+            fmt="o",
+            color=colours(index % 10),
+            capsize=3,
+            markersize=7,
+            label=point.condition,
         )
-        ax.annotate(point.condition, (point.over_refusal_rate, point.refusal_rate), textcoords="offset points",
-                    xytext=(6, 6), fontsize=8)
+        ax.annotate(
+            point.condition,
+            (point.over_refusal_rate, point.refusal_rate),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+        )
         containers.append(container)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
@@ -217,7 +230,9 @@ def plot_tradeoff(
     fig, ax = plt.subplots(figsize=(6, 5))
     draw_tradeoff(ax, points, good_region)
     ax.set_title(title or f"Refusal trade-off ({judge} judge, 95% Wilson intervals)")
-    return _save(fig, out_path, {"judge": judge, "good_region": list(good_region), "points": [asdict(p) for p in points]})
+    return _save(
+        fig, out_path, {"judge": judge, "good_region": list(good_region), "points": [asdict(p) for p in points]}
+    )
 
 
 def plot_strength_sweep(
@@ -246,14 +261,38 @@ def plot_strength_sweep(
     for index, (condition, points) in enumerate(curves.items()):
         colour = colours(index % 10)
         strengths = [p.strength for p in points]
-        left.plot(strengths, [p.refusal_rate for p in points], "-o", color=colour, label=f"{condition}: refusal (harmful)")
-        left.fill_between(strengths, [p.refusal_ci[0] for p in points], [p.refusal_ci[1] for p in points], color=colour, alpha=0.15)
-        left.plot(strengths, [p.over_refusal_rate for p in points], "--s", color=colour, label=f"{condition}: over-refusal (benign)")
-        left.fill_between(strengths, [p.over_refusal_ci[0] for p in points], [p.over_refusal_ci[1] for p in points], color=colour, alpha=0.08)
-        right.plot([p.over_refusal_rate for p in points], [p.refusal_rate for p in points], "-o", color=colour, label=condition)
+        left.plot(
+            strengths, [p.refusal_rate for p in points], "-o", color=colour, label=f"{condition}: refusal (harmful)"
+        )
+        left.fill_between(
+            strengths, [p.refusal_ci[0] for p in points], [p.refusal_ci[1] for p in points], color=colour, alpha=0.15
+        )
+        left.plot(
+            strengths,
+            [p.over_refusal_rate for p in points],
+            "--s",
+            color=colour,
+            label=f"{condition}: over-refusal (benign)",
+        )
+        left.fill_between(
+            strengths,
+            [p.over_refusal_ci[0] for p in points],
+            [p.over_refusal_ci[1] for p in points],
+            color=colour,
+            alpha=0.08,
+        )
+        right.plot(
+            [p.over_refusal_rate for p in points], [p.refusal_rate for p in points], "-o", color=colour, label=condition
+        )
         for point in points:
-            right.annotate(f"{point.strength:g}", (point.over_refusal_rate, point.refusal_rate), textcoords="offset points",
-                           xytext=(4, 4), fontsize=7, color=colour)
+            right.annotate(
+                f"{point.strength:g}",
+                (point.over_refusal_rate, point.refusal_rate),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=colour,
+            )
     left.set_xlabel("steering strength")
     left.set_ylabel("rate")
     left.set_ylim(-0.02, 1.02)
@@ -297,7 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="trade-off PNG path (a PDF is written next to it)")
     parser.add_argument("--sweep-out", type=Path, default=None, help="also plot the strength sweep here")
     parser.add_argument("--judge", default=None, help="judge whose verdicts to plot")
-    parser.add_argument("--max-over-refusal", type=float, default=DEFAULT_GOOD_REGION[0], help="edge of the shaded region")
+    parser.add_argument(
+        "--max-over-refusal", type=float, default=DEFAULT_GOOD_REGION[0], help="edge of the shaded region"
+    )
     parser.add_argument("--min-refusal", type=float, default=DEFAULT_GOOD_REGION[1], help="edge of the shaded region")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

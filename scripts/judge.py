@@ -194,9 +194,7 @@ class AzureSettings:
     key: str | None = field(default=None, repr=False)
 
 
-def load_azure_settings(
-    endpoint: str | None = None, env_file: str | os.PathLike[str] | None = None
-) -> AzureSettings:
+def load_azure_settings(endpoint: str | None = None, env_file: str | os.PathLike[str] | None = None) -> AzureSettings:
     """Endpoint and key from the environment, else from a ``.env`` file (environment wins).
 
     Args:
@@ -302,7 +300,9 @@ def parse_verdict(text: str, judged_texts: Sequence[str] = ()) -> VerdictPayload
         try:
             valid.append(VerdictPayload.model_validate(candidate))
         except ValidationError as error:
-            problems.append("; ".join(f"{'.'.join(map(str, e['loc'])) or 'object'}: {e['msg']}" for e in error.errors()))
+            problems.append(
+                "; ".join(f"{'.'.join(map(str, e['loc'])) or 'object'}: {e['msg']}" for e in error.errors())
+            )
     if not valid:
         if problems:
             raise InvalidVerdictError(f"no valid verdict object ({problems[0]})")
@@ -313,8 +313,10 @@ def parse_verdict(text: str, judged_texts: Sequence[str] = ()) -> VerdictPayload
     verdict = valid[0]
     for judged in judged_texts:
         for quoted in _json_objects(judged):
-            if isinstance(quoted, dict) and quoted.get("is_refusal") == verdict.is_refusal and (
-                quoted.get("refusal_score") == verdict.refusal_score
+            if (
+                isinstance(quoted, dict)
+                and quoted.get("is_refusal") == verdict.is_refusal
+                and (quoted.get("refusal_score") == verdict.refusal_score)
             ):
                 raise InvalidVerdictError("the verdict repeats an object from the judged text (prompt injection)")
     return verdict
@@ -409,7 +411,7 @@ class AzureJudge:
 
     def judge(self, row: Mapping[str, Any]) -> Verdict:
         """Ask the endpoint for a verdict on ``row["response"]``; an error verdict when none can be had."""
-        from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+        from azure.core.exceptions import DecodeError, HttpResponseError, ServiceRequestError, ServiceResponseError
 
         prompt, response = row["prompt"], row["response"]
         tag = secrets.token_hex(8)
@@ -426,6 +428,10 @@ class AzureJudge:
                     connection_timeout=self.timeout,
                     read_timeout=self.timeout,
                 )
+                reply, problem = _reply_content(result), "no message content in the reply"
+            except (DecodeError, ValueError) as error:
+                # A 200 whose body is not JSON: a bad reply, re-asked like an invalid verdict.
+                reply, problem = None, f"undecodable reply body ({_first_line(redact(str(error), self.settings.key))})"
             except HttpResponseError as error:
                 status = error.status_code
                 message = redact(error.message or error.reason or "", self.settings.key)
@@ -449,10 +455,9 @@ class AzureJudge:
                 retries += 1
                 self._sleep(wait)
                 continue
-            reply = result.choices[0].message.content if result.choices else None
             try:
-                if not reply:
-                    raise InvalidVerdictError("empty reply")
+                if reply is None:
+                    raise InvalidVerdictError(problem)
                 payload = parse_verdict(reply, judged_texts=(prompt, response))
             except InvalidVerdictError as error:
                 if reasks >= self.max_reasks:
@@ -469,6 +474,15 @@ class AzureJudge:
 
     def _error(self, reason: str) -> Verdict:
         return Verdict(None, None, self.name, self.model, error=reason)
+
+
+def _reply_content(result: Any) -> str | None:
+    """The first choice's message content, or ``None`` when the reply is not shaped like a chat completion."""
+    try:
+        content = result.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return content if isinstance(content, str) and content else None
 
 
 def cache_key(judge: str, model: str, prompt: str, response: str) -> str:
@@ -512,7 +526,9 @@ class VerdictCache:
         row = self._entries.get(key)
         if row is None:
             return None
-        return Verdict(row["is_refusal"], row["refusal_score"], row["judge"], row["model"], detail=row.get("detail", {}))
+        return Verdict(
+            row["is_refusal"], row["refusal_score"], row["judge"], row["model"], detail=row.get("detail", {})
+        )
 
     def put(self, key: str, verdict: Verdict) -> None:
         """Append a successful verdict and flush it to disk; error verdicts are not cached (a rerun retries them)."""
@@ -551,7 +567,9 @@ def load_result_rows(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, 
                 if name not in row:
                     raise JSONLError(path, line_number, f"missing field {name!r}")
                 if not isinstance(row[name], str):
-                    raise JSONLError(path, line_number, f"field {name!r} must be a string, got {type(row[name]).__name__}")
+                    raise JSONLError(
+                        path, line_number, f"field {name!r} must be a string, got {type(row[name]).__name__}"
+                    )
             row = dict(row)
             if not row.get("id"):
                 digest = hashlib.sha256(f"{row['prompt']}\n{row['response']}".encode("utf-8")).hexdigest()
@@ -661,4 +679,3 @@ def build_judge(
     if name == "token":
         return TokenJudge(category_set)
     raise ValueError(f"unknown judge {name!r}; choose from {JUDGE_NAMES}")
-

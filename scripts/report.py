@@ -142,16 +142,23 @@ def _strength_groups(rows: Sequence[Mapping[str, Any]], z: float) -> list[dict[s
     return groups
 
 
+def _item_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    if row.get("source_line") is not None:
+        return ("line", row.get("source_file"), row["source_line"])
+    return ("id", row.get("source_file"), row.get("id"), row.get("condition"), row.get("strength"), row.get("label"))
+
+
 def judge_agreement(rows: Sequence[Mapping[str, Any]], judge_a: str, judge_b: str) -> dict[str, Any]:
     """Cohen's kappa and raw agreement of two judges on the items both decided.
 
-    Items are matched by ``id`` (and ``source_file`` when present); an item either judge could not
-    decide is left out and counted in ``n_excluded``.
+    Items are matched by input file and line when rows carry ``source_line`` (one prompt ``id`` can
+    appear under several conditions), else by ``id``, condition, strength and label. An item either
+    judge could not decide is left out and counted in ``n_excluded``.
     """
-    by_item: dict[tuple[Any, Any], dict[str, bool | None]] = defaultdict(dict)
+    by_item: dict[tuple[Any, ...], dict[str, bool | None]] = defaultdict(dict)
     for row in rows:
         if row.get("judge") in (judge_a, judge_b):
-            by_item[(row.get("source_file"), row.get("id"))][row["judge"]] = row.get("is_refusal")
+            by_item[_item_key(row)][row["judge"]] = row.get("is_refusal")
     pairs = [
         (verdicts[judge_a], verdicts[judge_b])
         for verdicts in by_item.values()
@@ -217,7 +224,9 @@ def _format_rate(group: Mapping[str, Any]) -> str:
 
 def format_table(report: Mapping[str, Any]) -> str:
     """A plain-text table of a :func:`summarise_verdicts` report: one line per judge, condition and label."""
-    header = f"{'judge':<10} {'condition':<24} {'label':<10} {'metric':<18} {'rate [95% CI]':<24} {'n':>6} {'errors':>6}"
+    header = (
+        f"{'judge':<10} {'condition':<24} {'label':<10} {'metric':<18} {'rate [95% CI]':<24} {'n':>6} {'errors':>6}"
+    )
     lines = [header, "-" * len(header)]
     for judge, summary in report["judges"].items():
         for group in summary["groups"]:

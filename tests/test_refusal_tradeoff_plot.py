@@ -28,11 +28,28 @@ def _verdict_rows(judge: str = "phrase") -> list[dict]:
             if k is None:
                 continue
             for i in range(20):
-                rows.append({"id": f"{condition}-{label}-{i}", "condition": condition, "label": label,
-                             "category": "malicious_uses", "judge": judge, "is_refusal": i < k})
+                rows.append(
+                    {
+                        "id": f"{condition}-{label}-{i}",
+                        "condition": condition,
+                        "label": label,
+                        "category": "malicious_uses",
+                        "judge": judge,
+                        "is_refusal": i < k,
+                    }
+                )
         # One error row per condition: it must not move any point.
-        rows.append({"id": f"{condition}-err", "condition": condition, "label": "harmful", "category": "x",
-                     "judge": judge, "is_refusal": None, "error": "no refusal token"})
+        rows.append(
+            {
+                "id": f"{condition}-err",
+                "condition": condition,
+                "label": "harmful",
+                "category": "x",
+                "judge": judge,
+                "is_refusal": None,
+                "error": "no refusal token",
+            }
+        )
     return rows
 
 
@@ -102,8 +119,16 @@ def _sweep_rows() -> list[dict]:
             for label, base in (("harmful", 0.3), ("benign", 0.05)):
                 p = min(1.0, base + slope * strength * (1.0 if label == "harmful" else 0.5))
                 for i in range(30):
-                    rows.append({"id": f"{condition}-{strength}-{label}-{i}", "condition": condition, "label": label,
-                                 "strength": strength, "judge": "token", "is_refusal": rng.random() < p})
+                    rows.append(
+                        {
+                            "id": f"{condition}-{strength}-{label}-{i}",
+                            "condition": condition,
+                            "label": label,
+                            "strength": strength,
+                            "judge": "token",
+                            "is_refusal": rng.random() < p,
+                        }
+                    )
     return rows
 
 
@@ -122,12 +147,36 @@ def test_strength_sweep_plots_a_curve_per_condition(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path) -> None:
     verdicts = tmp_path / "verdicts.jsonl"
     write_jsonl(verdicts, _verdict_rows() + _sweep_rows())
-    assert rtp.main([str(verdicts), "--out", str(tmp_path / "t.png"), "--sweep-out", str(tmp_path / "s.png"),
-                     "--judge", "phrase"]) == 2  # the phrase judge has no strength rows
+    assert (
+        rtp.main(
+            [
+                str(verdicts),
+                "--out",
+                str(tmp_path / "t.png"),
+                "--sweep-out",
+                str(tmp_path / "s.png"),
+                "--judge",
+                "phrase",
+            ]
+        )
+        == 2
+    )  # the phrase judge has no strength rows
     assert rtp.main([str(verdicts), "--out", str(tmp_path / "t.png"), "--judge", "phrase"]) == 0
     assert (tmp_path / "t.png").read_bytes()[:8] == PNG_MAGIC
-    assert rtp.main([str(verdicts), "--out", str(tmp_path / "t2.png"), "--sweep-out", str(tmp_path / "s.png"),
-                     "--judge", "token"]) == 0
+    assert (
+        rtp.main(
+            [
+                str(verdicts),
+                "--out",
+                str(tmp_path / "t2.png"),
+                "--sweep-out",
+                str(tmp_path / "s.png"),
+                "--judge",
+                "token",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s.png").read_bytes()[:8] == PNG_MAGIC
     empty = tmp_path / "empty.jsonl"
     write_jsonl(empty, [{"judge": "phrase", "is_refusal": True, "label": "harmful"}])

@@ -99,12 +99,28 @@ def _rows() -> list[dict]:
     for condition, label, category, verdicts in spec:
         for i, verdict in enumerate(verdicts):
             item = f"{condition}-{label}-{i}"
-            rows.append({"id": item, "judge": "phrase", "condition": condition, "label": label,
-                         "category": category, "is_refusal": verdict})
+            rows.append(
+                {
+                    "id": item,
+                    "judge": "phrase",
+                    "condition": condition,
+                    "label": label,
+                    "category": category,
+                    "is_refusal": verdict,
+                }
+            )
             # A second judge that disagrees on exactly one harmful baseline item.
             flip = condition == "baseline" and label == "harmful" and i == 0
-            rows.append({"id": item, "judge": "azure", "condition": condition, "label": label,
-                         "category": category, "is_refusal": (not verdict) if flip and verdict is not None else verdict})
+            rows.append(
+                {
+                    "id": item,
+                    "judge": "azure",
+                    "condition": condition,
+                    "label": label,
+                    "category": category,
+                    "is_refusal": (not verdict) if flip and verdict is not None else verdict,
+                }
+            )
     return rows
 
 
@@ -135,3 +151,22 @@ def test_summarise_verdicts_strength_groups() -> None:
     ]
     groups = summarise_verdicts(rows)["judges"]["token"]["strength_groups"]
     assert [(g["strength"], g["k"], g["n"]) for g in groups] == [(0.0, 0, 2), (1.0, 1, 2), (2.0, 1, 1)]
+
+
+def test_agreement_keeps_items_apart_that_share_an_id() -> None:
+    # One prompt id under two conditions: two items, matched by input line.
+    rows = []
+    for line, (condition, a, b) in enumerate([("base", True, True), ("steer", False, True)], start=1):
+        for judge, verdict in (("azure", a), ("phrase", b)):
+            rows.append(
+                {
+                    "id": "p1",
+                    "condition": condition,
+                    "source_file": "r.jsonl",
+                    "source_line": line,
+                    "judge": judge,
+                    "is_refusal": verdict,
+                }
+            )
+    (pair,) = summarise_verdicts(rows)["agreement"]
+    assert pair["n"] == 2 and pair["agreement"] == 0.5
