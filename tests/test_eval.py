@@ -331,3 +331,41 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(hooked, tmp_path)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
     assert len(read_jsonl(path)) == 8  # two chunks of four survived the kill
     assert read_jsonl(_run(hooked, records, condition, path)) == reference
+
+
+KV_CACHE_BUG = (
+    "transformers 5 passes the KV cache to attention as `cache=`; transformer_lens 4.3's bridge reads only "
+    "`past_key_values`/`layer_past`, so cached generation on a wrapped model ignores earlier tokens "
+    "(to be fixed in scripts/hooked_model.py; strict: this xfail turns into a failure once fixed)"
+)
+
+
+@pytest.mark.xfail(reason=KV_CACHE_BUG, strict=True)
+def test_wrapped_generation_equals_plain_transformers_generation(hooked, records, tmp_path):
+    from scripts.model import format_chat, generate_ids
+
+    tokenizer = build_tiny_tokenizer()
+    plain_model = build_tiny_model(tokenizer)
+    add_refusal_tokens(tokenizer, DONOTANSWER_CATEGORIES, model=plain_model)
+    texts = format_chat(tokenizer, [record.prompt for record in records])
+    expected = [tokenizer.decode(ids, skip_special_tokens=False).strip()
+                for ids in generate_ids(plain_model, tokenizer, texts, batch_size=3, max_new_tokens=6, progress=False)]
+    rows = read_jsonl(_run(hooked, records, baseline(), tmp_path / "base.jsonl"))
+    assert [row["response"] for row in rows] == expected
+
+
+@pytest.mark.offline_model
+@pytest.mark.xfail(reason=KV_CACHE_BUG, strict=True)
+def test_real_smollm2_baseline_rows(tmp_path, caplog):
+    from scripts.hooked_model import load_hooked_model
+
+    real = load_hooked_model("smollm2-135m-instruct")
+    records = [PromptRecord(prompt="What is the capital of France?", label="benign", category="benign", source="t")]
+    with caplog.at_level(logging.WARNING, logger="scripts.eval"):
+        rows = read_jsonl(run_condition(real, records, baseline(), tmp_path / "b.jsonl", max_new_tokens=20,
+                                        progress=False))
+    assert "Paris" in rows[0]["response"]
+    # The base model has no refusal tokens: the field is present and None, with a warning.
+    assert rows[0]["first_token_category"] is None
+    assert "lacks the 'donotanswer' refusal tokens" in caplog.text
+    assert rows[0]["model"] == "smollm2-135m-instruct"

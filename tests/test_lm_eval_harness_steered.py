@@ -155,3 +155,15 @@ def test_registration_and_argument_checks(hooked, vector):
         vector_steering(hooked, 9, vector, 1.0)
     with pytest.raises(ValueError, match="unknown positions mode"):
         vector_steering(hooked, LAYER, vector, 1.0, positions="first")
+
+
+@pytest.mark.offline_model
+def test_real_smollm2_on_the_tiny_task(task_manager):
+    from scripts.hooked_model import load_hooked_model
+
+    real = load_hooked_model("smollm2-135m-instruct")
+    plain = _evaluate(real, None, task_manager)
+    assert plain["results"][MC_TASK]["acc,none"] >= 0.5  # the answers are easy for an instruct model
+    direction = torch.randn(real.d_model, generator=torch.Generator().manual_seed(0))
+    steered = _evaluate(real, vector_steering(real, 15, direction / direction.norm(), 40.0), task_manager)
+    assert _loglikelihoods(steered) != _loglikelihoods(plain)
