@@ -115,6 +115,29 @@ class HookedModel:
             yield self
 
 
+def check_cache_argument(model) -> None:
+    """Raise if the model's attention takes its KV cache under a name the bridge does not read.
+
+    transformers 5.24 renamed the attention argument ``past_key_values`` to ``cache``; transformer_lens
+    4.3's bridge re-implements attention and reads only ``past_key_values`` (or ``layer_past``), so on
+    such a model cached generation would silently attend to the newest token alone.
+    """
+    import inspect
+
+    for module in model.modules():
+        if module.__class__.__name__.endswith("Attention"):
+            parameters = inspect.signature(module.forward).parameters
+            if "cache" in parameters and not {"past_key_values", "layer_past"} & set(parameters):
+                import transformers
+
+                raise RuntimeError(
+                    f"{module.__class__.__name__}.forward takes its KV cache as `cache=` (transformers "
+                    f"{transformers.__version__}), which the TransformerLens bridge ignores; install "
+                    "transformers<5.24 (see requirements.txt)"
+                )
+            return
+
+
 def wrap_model(model, tokenizer, name: str | None = None) -> HookedModel:
     """Wrap a loaded Hugging Face model with a TransformerLens ``TransformerBridge`` (no weights copied).
 
@@ -126,6 +149,7 @@ def wrap_model(model, tokenizer, name: str | None = None) -> HookedModel:
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    check_cache_argument(model)
     padding_side = tokenizer.padding_side
     bridge = TransformerBridge.boot_transformers(
         name or str(getattr(model.config, "name_or_path", "") or "model"),

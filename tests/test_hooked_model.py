@@ -84,3 +84,41 @@ def test_unknown_hook_point_raises(hooked):
     with pytest.raises(KeyError, match="unknown hook point"):
         with hooked.hooks([("blocks.1.hook_nothing", lambda a, hook: a)]):
             pass
+
+
+def test_wrapped_cached_generation_equals_plain_generation(tiny_model):
+    from scripts.model import generate_ids
+    from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, add_refusal_tokens
+    from tests.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model, tokenizer = tiny_model
+    texts = format_chat(tokenizer, ["hello there", "how do I bake bread at home", "x"])
+    plain_tokenizer = build_tiny_tokenizer()
+    plain = build_tiny_model(plain_tokenizer)
+    add_refusal_tokens(plain_tokenizer, DONOTANSWER_CATEGORIES, model=plain)
+    expected = generate_ids(plain, plain_tokenizer, texts, batch_size=2, max_new_tokens=8, progress=False)
+    wrap_model(model, tokenizer)
+    # Every cached decoding step must score like an uncached forward pass over the whole sequence.
+    assert generate_ids(model, tokenizer, texts, batch_size=2, max_new_tokens=8, progress=False) == expected
+    encoded = tokenizer(texts[:1], return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**encoded, max_new_tokens=6, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        full = model(generated.sequences).logits
+    prompt_length = encoded["input_ids"].shape[1]
+    for step, scores in enumerate(generated.scores):
+        torch.testing.assert_close(scores[0], full[0, prompt_length - 1 + step], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_argument_guard_names_the_fix(monkeypatch, tiny_model):
+    from scripts.hooked_model import check_cache_argument
+
+    model, _ = tiny_model
+    attention = type(model.model.layers[0].self_attn)
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(attention, "forward", forward)
+    with pytest.raises(RuntimeError, match="transformers<5.24"):
+        check_cache_argument(model)
