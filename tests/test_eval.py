@@ -333,15 +333,9 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(hooked, tmp_path)
     assert read_jsonl(_run(hooked, records, condition, path)) == reference
 
 
-KV_CACHE_BUG = (
-    "transformers 5 passes the KV cache to attention as `cache=`; transformer_lens 4.3's bridge reads only "
-    "`past_key_values`/`layer_past`, so cached generation on a wrapped model ignores earlier tokens "
-    "(to be fixed in scripts/hooked_model.py; strict: this xfail turns into a failure once fixed)"
-)
-
-
-@pytest.mark.xfail(reason=KV_CACHE_BUG, strict=True)
 def test_wrapped_generation_equals_plain_transformers_generation(hooked, records, tmp_path):
+    """Regression: cached generation on a bridge-wrapped model must see the whole prompt (transformers 5.24's
+    ``cache=`` argument was invisible to the bridge, so every decode step attended to itself alone)."""
     from scripts.model import format_chat, generate_ids
 
     tokenizer = build_tiny_tokenizer()
@@ -355,7 +349,6 @@ def test_wrapped_generation_equals_plain_transformers_generation(hooked, records
 
 
 @pytest.mark.offline_model
-@pytest.mark.xfail(reason=KV_CACHE_BUG, strict=True)
 def test_real_smollm2_baseline_rows(tmp_path, caplog):
     from scripts.hooked_model import load_hooked_model
 
