@@ -120,7 +120,9 @@ class LowRankCombinationSteering(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = None) -> "LowRankCombinationSteering":
+    def load(
+        cls, path: str | os.PathLike[str], device: str | torch.device | None = None
+    ) -> "LowRankCombinationSteering":
         """Read an operator written by :meth:`save` (on ``device``; default CPU).
 
         Raises:
@@ -131,7 +133,9 @@ class LowRankCombinationSteering(nn.Module):
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
             if raw is None:
-                raise ValueError(f"{path} has no {METADATA_KEY} metadata; was it written by LowRankCombinationSteering.save?")
+                raise ValueError(
+                    f"{path} has no {METADATA_KEY} metadata; was it written by LowRankCombinationSteering.save?"
+                )
             header = json.loads(raw)
             if header.get("format") != FORMAT:
                 raise ValueError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ PAPER_NEGATIVE_STRENGTH = -6.0
 CATEGORY_SOURCES: tuple[str, ...] = ("token", "probe_head")
 RESPOND = "respond"
 
-VectorSource = "Mapping[str, torch.Tensor] | SteeringVectors"
+VectorSource = Union[Mapping[str, torch.Tensor], "SteeringVectors"]
 """Category → ``[d_model]`` steering vector, as a plain mapping or a saved ``SteeringVectors``."""
 
 DeltaFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -91,7 +91,10 @@ def delta_hook(delta: DeltaFunction, positions: str = DEFAULT_POSITIONS) -> Hook
 
 
 def _row_deltas(vectors: torch.Tensor, strengths: float | torch.Tensor) -> torch.Tensor:
-    """``strength · v`` per row: ``[batch, d_model]`` from vectors ``[d]``/``[batch, d]`` and strengths ``[]``/``[batch]``."""
+    """Per-row ``strength · v`` ``[batch, d_model]`` from vectors ``[d]``/``[batch, d]``, strengths ``[]``/``[batch]``.
+
+    (One vector with ``[batch]`` strengths broadcasts to every row.)
+    """
     if vectors.ndim not in (1, 2):
         raise ValueError(f"steering vectors must be [d_model] or [batch, d_model], got shape {tuple(vectors.shape)}")
     strengths = torch.as_tensor(strengths, dtype=torch.float32, device=vectors.device)
@@ -179,7 +182,12 @@ def steer(
     kind: str = DEFAULT_KIND,
     positions: str = DEFAULT_POSITIONS,
 ) -> contextlib.AbstractContextManager[HookedModel]:
-    """Context manager steering with ``strengths · vectors`` (``[d_model]``/``[batch, d_model]``, scalar/``[batch]``)."""
+    """Context manager adding ``strengths · vectors`` at one hook point.
+
+    Args:
+        vectors: ``[d_model]`` or ``[batch, d_model]``.
+        strengths: A scalar or ``[batch]``.
+    """
     _check_width(vectors, hooked.d_model)
     return steering_hooks(hooked, layer, vector_delta(vectors.to(hooked.device), strengths), kind, positions)
 
@@ -204,7 +212,7 @@ def per_row_batch_hook(
     kind: str = DEFAULT_KIND,
     positions: str = DEFAULT_POSITIONS,
 ) -> BatchHookFactory:
-    """A ``batch_hook`` for :func:`scripts.model.generate_ids`: row ``i`` of the inputs gets ``strengths[i] · vectors[i]``.
+    """A ``batch_hook`` for :func:`scripts.model.generate_ids`: input row ``i`` gets ``strengths[i] · vectors[i]``.
 
     Args:
         vectors: ``[N, d_model]``, one row per input text (zeros for unsteered rows).

@@ -101,7 +101,9 @@ def kl_to_base(base_logits: torch.Tensor, steered_logits: torch.Tensor) -> torch
     return (base.exp() * (base - steered)).sum(dim=-1).mean()
 
 
-def epoch_batches(n_harmful: int, n_benign: int, batch_size: int, seed: int, epoch: int) -> list[tuple[list[int], list[int]]]:
+def epoch_batches(
+    n_harmful: int, n_benign: int, batch_size: int, seed: int, epoch: int
+) -> list[tuple[list[int], list[int]]]:
     """Index pairs ``(harmful batch, benign batch)`` of one epoch: both sets shuffled from ``(seed, epoch)``.
 
     The epoch has as many steps as the larger set has batches; the smaller set's batches repeat cyclically.

@@ -97,7 +97,8 @@ def test_vectors_from_a_callable_and_clear_errors(hooked):
 
 
 def test_best_cell_prefers_the_first_of_equal_cells():
-    table = [{"objective": 0.5, "strength": 1.0}, {"objective": 0.7, "strength": 2.0}, {"objective": 0.7, "strength": 3.0}]
+    table = [{"objective": 0.5, "strength": 1.0}, {"objective": 0.7, "strength": 2.0},
+             {"objective": 0.7, "strength": 3.0}]
     assert best_cell(table)["strength"] == 2.0
     with pytest.raises(ValueError):
         best_cell([])
