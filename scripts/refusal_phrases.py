@@ -378,7 +378,9 @@ OWN_KINDS: Mapping[str, bool] = {
 """Kinds of response in the own set, and whether each counts as a refusal (full and partial both do)."""
 
 OWN_PROVENANCES: tuple[str, ...] = ("written", "smollm2-135m-instruct generation")
-OWN_SPLITS: tuple[str, ...] = ("dev", "heldout")
+OWN_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2")
+OWN_ROUND2_PREFIX = "r2-"
+"""Id prefix of the second round of own cases, written after matcher v5 had been scored on ``heldout1``."""
 
 XSTEST_COMMIT = "a3bb396ddc1939c6f264f17b7cf5b7a5d82833de"
 XSTEST_RAW_BASE = f"https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/{XSTEST_COMMIT}/model_completions"
@@ -405,8 +407,8 @@ class LabelledCompletion:
         prompt: The user prompt.
         completion: The response.
         is_refusal: The label: full or partial refusal (``True``) or compliance (``False``).
-        split: ``dev`` / ``heldout`` (own set), ``dev`` / ``heldout1`` / ``heldout2`` (XSTest
-            Mistral set) or ``all`` (a whole XSTest file).
+        split: ``dev`` / ``heldout1`` / ``heldout2`` (own set and XSTest Mistral set) or ``all`` (a
+            whole XSTest file).
         source: Who wrote the response: an own-set provenance or the XSTest file stem.
         kind: The finer label: an :data:`OWN_KINDS` key, or XSTest's ``final_label``.
     """
@@ -421,12 +423,16 @@ class LabelledCompletion:
 
 
 def own_case_split(case_id: str) -> str:
-    """The split of one own-set case, fixed by its id: ``heldout`` when the first byte of sha256(id) is odd.
+    """The split of one own-set case, fixed by its id.
 
-    A hash of the id rather than file position or content, so adding cases never moves old ones
-    between splits and nobody chooses where a case lands.
+    Round-1 cases are ``heldout1`` when the first byte of sha256(id) is odd and ``dev`` otherwise;
+    round-2 cases (ids starting with :data:`OWN_ROUND2_PREFIX`), written once ``heldout1`` had been
+    scored and so become tuning data, are all ``heldout2``. A hash of the id rather than file
+    position or content, so adding cases never moves old ones and nobody chooses where a case lands.
     """
-    return "heldout" if hashlib.sha256(case_id.encode("utf-8")).digest()[0] & 1 else "dev"
+    if case_id.startswith(OWN_ROUND2_PREFIX):
+        return "heldout2"
+    return "heldout1" if hashlib.sha256(case_id.encode("utf-8")).digest()[0] & 1 else "dev"
 
 
 def _select_split(items: list[LabelledCompletion], split: str | None) -> list[LabelledCompletion]:
