@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -249,11 +249,12 @@ def _run_batches(
     layers: Sequence[int],
     hook_kind: str,
     batch_size: int,
-    select,
+    select: Callable[[torch.Tensor, torch.Tensor], Any],
     desc: str,
     progress: bool,
 ) -> dict[int, list[Any]]:
-    """Run length-sorted batches up to the deepest layer; ``select(act, mask)`` picks what each row keeps.
+    """Run length-sorted batches up to the deepest layer; ``select(act [batch, pos, d_model], mask [batch, pos])``
+    returns what each row keeps (indexable by row).
 
     Returns:
         Layer → one entry per input (in input order), as produced by ``select`` row by row.
@@ -298,7 +299,9 @@ def _run_batches(
     return results
 
 
-def _select_position(position: int):
+def _select_position(position: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A selector of the activation ``[batch, d_model]`` at ``position`` counted from each row's last token."""
+
     def select(activation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last = last_token_indices(mask)
         index = last + 1 + position

@@ -74,7 +74,8 @@ class VectorStrategy:
             _check_activations(benign_acts, f"benign for {category!r}")
             if harmful_acts.shape[1] != benign_acts.shape[1]:
                 raise ValueError(
-                    f"category {category!r}: harmful width {harmful_acts.shape[1]} != benign width {benign_acts.shape[1]}"
+                    f"category {category!r}: harmful width {harmful_acts.shape[1]} "
+                    f"!= benign width {benign_acts.shape[1]}"
                 )
             if self.paired and harmful_acts.shape[0] != benign_acts.shape[0]:
                 raise ValueError(

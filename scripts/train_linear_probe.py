@@ -1,7 +1,9 @@
 """Train the harmful-vs-benign probe on cached activations, pick its threshold on validation data, and compare layers.
 
 Training is deterministic (convex objective, zero initialisation, full-batch L-BFGS); the only
-randomness is the train/validation split, seeded in :func:`stratified_split`.
+randomness is in splitting, seeded: the train/validation split (:func:`stratified_split`) and the
+cross-validation folds that choose the weight decay when a grid is given
+(:func:`cross_validated_weight_decay`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from scripts.linear_probe import (
 logger = logging.getLogger(__name__)
 
 THRESHOLD_METHODS: tuple[str, ...] = ("youden", "fpr")
+WEIGHT_DECAY_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+"""A grid for :func:`cross_validated_weight_decay`: with hundreds of prompts and d_model in the hundreds
+or thousands, the best penalty on standardised features spans these decades."""
 
 
 def stratified_split(labels: ArrayLike, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -52,6 +57,66 @@ def stratified_split(labels: ArrayLike, val_fraction: float = 0.2, seed: int = 0
         val.extend(rows[:n_val].tolist())
         train.extend(rows[n_val:].tolist())
     return sorted(train), sorted(val)
+
+
+def stratified_folds(labels: ArrayLike, folds: int = 5, seed: int = 0) -> list[list[int]]:
+    """Seeded folds with each class dealt round-robin after shuffling, so every fold has both classes.
+
+    Returns:
+        ``folds`` lists of row indices (sorted), together covering every row once.
+    """
+    values = torch.as_tensor(labels).cpu()
+    targets = as_binary_labels(values, values.shape[0] if values.dim() else 0).numpy()
+    smallest = min(int((targets == 0).sum()), int((targets == 1).sum()))
+    if not 2 <= folds <= smallest:
+        raise ValueError(f"folds must be in [2, {smallest}] (rows of the smaller class), got {folds}")
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(targets), dtype=np.int64)
+    for label in (0, 1):
+        rows = np.flatnonzero(targets == label)
+        rng.shuffle(rows)
+        assignment[rows] = np.arange(len(rows)) % folds
+    return [np.flatnonzero(assignment == fold).tolist() for fold in range(folds)]
+
+
+def cross_validated_weight_decay(
+    features: ArrayLike,
+    labels: ArrayLike,
+    grid: Sequence[float] = WEIGHT_DECAY_GRID,
+    folds: int = 5,
+    seed: int = 0,
+    max_iter: int = 500,
+    progress: bool = True,
+) -> tuple[float, dict[float, float]]:
+    """The weight decay of highest mean held-out-fold ROC-AUC (the larger one among ties: more regularised).
+
+    Args:
+        features: ``[N, d_model]``.
+        labels: ``[N]`` in {0, 1}.
+        grid: Candidate weight decays.
+
+    Returns:
+        ``(best weight decay, {weight decay: mean fold AUC})``.
+    """
+    from tqdm.auto import tqdm
+
+    if not grid:
+        raise ValueError("the weight-decay grid is empty")
+    features_64 = as_features(features)
+    targets = as_binary_labels(labels, features_64.shape[0])
+    splits = stratified_folds(targets, folds, seed)
+    aucs: dict[float, float] = {}
+    for weight_decay in tqdm(sorted(grid), desc="cross-validate weight decay", disable=not progress):
+        fold_aucs = []
+        for held_out in splits:
+            keep = torch.ones(len(targets), dtype=torch.bool)
+            keep[held_out] = False
+            probe = LinearProbe(features_64.shape[1], weight_decay=weight_decay)
+            probe.fit(features_64[keep], targets[keep], max_iter=max_iter, progress=False)
+            fold_aucs.append(probe.roc_auc(features_64[held_out], targets[held_out]))
+        aucs[float(weight_decay)] = float(np.mean(fold_aucs))
+    best = max(aucs, key=lambda weight_decay: (aucs[weight_decay], weight_decay))
+    return best, aucs
 
 
 def choose_threshold(
@@ -90,7 +155,7 @@ def train_probe(
     y_train: ArrayLike,
     acts_val: ArrayLike,
     y_val: ArrayLike,
-    weight_decay: float = 1e-2,
+    weight_decay: float | Sequence[float] = 1e-2,
     categories_train: Sequence[str | None] | None = None,
     category_names: Sequence[str] | None = None,
     threshold_method: str = "youden",
@@ -98,6 +163,8 @@ def train_probe(
     layer: int | None = None,
     hook_kind: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    cv_folds: int = 5,
+    seed: int = 0,
     max_iter: int = 500,
     progress: bool = True,
 ) -> tuple[LinearProbe, dict[str, Any]]:
@@ -108,7 +175,9 @@ def train_probe(
         y_train: ``[N_train]`` in {0, 1} (1 = harmful).
         acts_val: ``[N_val, d_model]``.
         y_val: ``[N_val]`` in {0, 1}; both classes must occur.
-        weight_decay: L2 penalty (see :class:`LinearProbe`).
+        weight_decay: L2 penalty (see :class:`LinearProbe`), or a grid (e.g. :data:`WEIGHT_DECAY_GRID`)
+            to choose from by ``cv_folds``-fold cross-validation on the training split (seeded by ``seed``),
+            leaving the validation split for the threshold.
         categories_train: Category per training row, to fit a category head (read on harmful rows).
         category_names: Head order; default the sorted categories of the harmful training rows.
         threshold_method: ``youden`` or ``fpr`` (see :func:`choose_threshold`).
@@ -120,12 +189,19 @@ def train_probe(
     Returns:
         ``(probe, metrics)`` where metrics has ``auc_val``, ``auc_train``, ``threshold_logit`` and
         ``threshold`` (its probability), ``tpr`` and ``fpr`` at the threshold on validation,
-        ``accuracy_val``, ``n_train``, ``n_val`` (and ``categories`` with a category head).
+        ``accuracy_val``, ``n_train``, ``n_val``, ``weight_decay`` (the one used), ``cv_auc``
+        (``[[weight decay, mean fold AUC], ...]`` when a grid was given) and ``categories`` (with a head).
     """
     train_features = as_features(acts_train, what="training activations")
     val_features = as_features(acts_val, train_features.shape[1], what="validation activations")
     train_labels = as_binary_labels(y_train, train_features.shape[0], what="training labels")
     val_labels = as_binary_labels(y_val, val_features.shape[0], what="validation labels")
+    cv_auc = None
+    if not isinstance(weight_decay, (int, float)):
+        weight_decay, by_decay = cross_validated_weight_decay(
+            train_features, train_labels, list(weight_decay), cv_folds, seed, max_iter, progress
+        )
+        cv_auc = [[decay, auc] for decay, auc in by_decay.items()]
     if categories_train is not None and category_names is None:
         category_names = sorted(
             {str(categories_train[row]) for row in torch.nonzero(train_labels == 1).flatten().tolist()}
@@ -145,6 +221,8 @@ def train_probe(
     )
     probe.set_threshold_logit(metrics["threshold_logit"])
     metrics["threshold"] = probe.threshold
+    metrics["weight_decay"] = float(weight_decay)
+    metrics["cv_auc"] = cv_auc
     if categories_train is not None:
         metrics["categories"] = probe.categories
     probe.metadata["metrics"] = metrics
@@ -171,7 +249,7 @@ def probe_auc_by_layer(
     acts_by_layer: Mapping[int, torch.Tensor] | CachedActivations,
     labels: ArrayLike,
     split: tuple[Sequence[int], Sequence[int]],
-    weight_decay: float = 1e-2,
+    weight_decay: float | Sequence[float] = 1e-2,
     max_iter: int = 500,
     progress: bool = True,
 ) -> dict[int, float]:
@@ -181,6 +259,7 @@ def probe_auc_by_layer(
         acts_by_layer: Layer → ``[N, d_model]`` (or :class:`CachedActivations`).
         labels: ``[N]`` in {0, 1}.
         split: ``(train_indices, val_indices)`` into the N rows (e.g. :func:`stratified_split`).
+        weight_decay: As in :func:`train_probe` (a grid is cross-validated per layer).
 
     Returns:
         Layer → validation AUC, layers ascending.
@@ -217,7 +296,7 @@ def train_multi_layer_probe(
     y_train: ArrayLike,
     acts_val: Mapping[int, ArrayLike],
     y_val: ArrayLike,
-    weight_decay: float = 1e-2,
+    weight_decay: float | Sequence[float] = 1e-2,
     threshold_method: str = "youden",
     target_fpr: float = 0.05,
     hook_kind: str | None = None,

@@ -271,4 +271,5 @@ def test_smollm2_layers_5_and_15_match_hidden_states():
             states = hooked_model.model(**encoded, output_hidden_states=True).hidden_states
         for layer in (5, 15):
             expected = states[layer + 1][0, -1]
-            torch.testing.assert_close(cached.acts[layer][index], expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(cached.acts[layer][index], expected, atol=1e-4 * scale, rtol=1e-4)

@@ -21,7 +21,9 @@ from scripts.linear_probe import (
 D_MODEL = 16
 
 
-def gaussians(n_per_class: int, separation: float, seed: int, d_model: int = D_MODEL) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussians(
+    n_per_class: int, separation: float, seed: int, d_model: int = D_MODEL
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two Gaussian classes ``[2n, d_model]`` whose means differ by ``separation`` along one fixed random direction."""
     direction = torch.randn(d_model, generator=torch.Generator().manual_seed(1234))
     direction = direction / direction.norm()
@@ -103,7 +105,8 @@ def test_separable_gaussians_auc_one_and_youden_optimal_threshold():
     scores = probe.decision_function(val_x).double().numpy()
     threshold, _, _ = youden_threshold(scores, val_y)
     probe.set_threshold_logit(threshold)
-    assert j_at(scores, val_y.numpy(), float(probe.threshold_logit)) == pytest.approx(brute_force_j(scores, val_y.numpy()))
+    optimum = brute_force_j(scores, val_y.numpy())
+    assert j_at(scores, val_y.numpy(), float(probe.threshold_logit)) == pytest.approx(optimum)
     assert probe.score(val_x, val_y) > 0.99
 
 
@@ -117,8 +120,10 @@ def test_fit_matches_sklearn_logistic_regression():
     reference = LogisticRegression(C=1 / (len(labels) * weight_decay), tol=1e-12, max_iter=10_000)
     reference.fit(standardized.numpy(), labels.numpy())
     np.testing.assert_allclose(probe.weight.numpy(), reference.coef_[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(probe.decision_function(features).numpy(), reference.decision_function(standardized.numpy()),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        probe.decision_function(features).numpy(), reference.decision_function(standardized.numpy()),
+        rtol=1e-4, atol=1e-4,
+    )
 
 
 def test_category_head_matches_sklearn_multinomial():
@@ -198,7 +203,10 @@ def test_multi_layer_probe_averages_logits_and_round_trips(tmp_path):
     with pytest.raises(KeyError, match=r"needs layers \[3, 7\]"):
         multi.decision_function({3: features})
     with pytest.raises(ValueError, match="one hook kind"):
-        MultiLayerProbe({1: LinearProbe(D_MODEL, hook_kind="resid_pre"), 2: LinearProbe(D_MODEL, hook_kind="resid_mid")})
+        MultiLayerProbe({
+            1: LinearProbe(D_MODEL, hook_kind="resid_pre"),
+            2: LinearProbe(D_MODEL, hook_kind="resid_mid"),
+        })
 
 
 def test_bad_inputs_raise_clear_errors():

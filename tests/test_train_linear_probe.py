@@ -8,11 +8,14 @@ import torch
 
 from scripts.linear_probe import LinearProbe, MultiLayerProbe, rates_at_threshold, roc_auc
 from scripts.train_linear_probe import (
+    WEIGHT_DECAY_GRID,
     best_layer,
     category_accuracy,
     choose_threshold,
+    cross_validated_weight_decay,
     evaluate_probe,
     probe_auc_by_layer,
+    stratified_folds,
     stratified_split,
     train_multi_layer_probe,
     train_probe,
@@ -33,6 +36,36 @@ def test_stratified_split_is_disjoint_stratified_and_seeded():
         stratified_split(labels, 1.0)
 
 
+def test_stratified_folds_cover_every_row_once_with_both_classes():
+    labels = torch.tensor([0] * 13 + [1] * 7)
+    folds = stratified_folds(labels, folds=3, seed=0)
+    assert sorted(row for fold in folds for row in fold) == list(range(20))
+    for fold in folds:
+        assert set(labels[fold].tolist()) == {0, 1}
+        assert fold == sorted(fold)
+    assert stratified_folds(labels, 3, seed=0) == folds != stratified_folds(labels, 3, seed=1)
+    with pytest.raises(ValueError, match=r"\[2, 7\]"):
+        stratified_folds(labels, folds=8)
+
+
+def test_cross_validated_weight_decay_against_manual_folds():
+    features, labels = gaussians(30, separation=2.0, seed=22)
+    grid = [0.01, 10.0]
+    best, aucs = cross_validated_weight_decay(features, labels, grid, folds=3, seed=4, progress=False)
+    folds = stratified_folds(labels, 3, seed=4)
+    for weight_decay in grid:
+        fold_aucs = []
+        for held_out in folds:
+            train = [row for row in range(60) if row not in held_out]
+            probe = LinearProbe(D_MODEL, weight_decay=weight_decay).fit(features[train], labels[train], progress=False)
+            fold_aucs.append(roc_auc(probe.decision_function(features[held_out]), labels[held_out]))
+        assert aucs[weight_decay] == pytest.approx(float(np.mean(fold_aucs)), abs=1e-12)
+    assert best == max(grid, key=lambda decay: (aucs[decay], decay))
+    _, metrics = train_probe(features, labels, features, labels, weight_decay=grid, cv_folds=3, seed=4, progress=False)
+    assert metrics["weight_decay"] == best
+    assert metrics["cv_auc"] == [[decay, aucs[decay]] for decay in grid]
+
+
 def test_train_probe_on_separable_gaussians():
     train_x, train_y = gaussians(150, separation=12.0, seed=10)
     val_x, val_y = gaussians(80, separation=12.0, seed=11)
@@ -40,8 +73,9 @@ def test_train_probe_on_separable_gaussians():
     assert metrics["auc_val"] > 0.999 and metrics["auc_train"] > 0.999
     scores = probe.decision_function(val_x).double().numpy()
     assert metrics["auc_val"] == roc_auc(scores, val_y)
-    assert j_at(scores, val_y.numpy(), metrics["threshold_logit"]) == pytest.approx(brute_force_j(scores, val_y.numpy()))
-    assert (metrics["tpr"], metrics["fpr"]) == pytest.approx(rates_at_threshold(scores, val_y, metrics["threshold_logit"]))
+    threshold = metrics["threshold_logit"]
+    assert j_at(scores, val_y.numpy(), threshold) == pytest.approx(brute_force_j(scores, val_y.numpy()))
+    assert (metrics["tpr"], metrics["fpr"]) == pytest.approx(rates_at_threshold(scores, val_y, threshold))
     assert metrics["threshold"] == probe.threshold
     assert metrics["accuracy_val"] == pytest.approx(probe.score(val_x, val_y))
     assert (metrics["n_train"], metrics["n_val"]) == (300, 160)
@@ -101,12 +135,15 @@ def test_train_multi_layer_probe():
     val_x, val_y = gaussians(80, separation=3.0, seed=18)
     acts_train = {1: train_x, 2: train_x.flip(1)}
     acts_val = {1: val_x, 2: val_x.flip(1)}
-    probe, metrics = train_multi_layer_probe(acts_train, train_y, acts_val, val_y, hook_kind="resid_post", progress=False)
+    probe, metrics = train_multi_layer_probe(
+        acts_train, train_y, acts_val, val_y, hook_kind="resid_post", progress=False
+    )
     assert isinstance(probe, MultiLayerProbe) and probe.layers == [1, 2]
     assert set(metrics["auc_val_by_layer"]) == {1, 2}
     scores = probe.decision_function(acts_val).double().numpy()
     assert metrics["auc_val"] == roc_auc(scores, val_y)
-    assert j_at(scores, val_y.numpy(), metrics["threshold_logit"]) == pytest.approx(brute_force_j(scores, val_y.numpy()))
+    optimum = brute_force_j(scores, val_y.numpy())
+    assert j_at(scores, val_y.numpy(), metrics["threshold_logit"]) == pytest.approx(optimum)
     with pytest.raises(ValueError, match="layers"):
         train_multi_layer_probe(acts_train, train_y, {1: val_x}, val_y, progress=False)
 
@@ -132,30 +169,42 @@ def test_train_probe_bad_inputs():
         train_probe(features, labels, features, torch.zeros(20), progress=False)
 
 
-@pytest.mark.refusal_model
-def test_refusal_model_probe_reaches_auc_095():
+def held_out_probe_auc(model_alias: str, n_prompts: int = 600, max_chars: int = 300) -> tuple[dict, dict]:
+    """Train a probe at the middle layer of ``model_alias`` on a seeded sample of the offline corpus.
+
+    Returns:
+        ``(held-out metrics of evaluate_probe, training metrics)``. Activations use the disk cache,
+        so reruns cost no forward pass. Skips the calling test when the model or corpus is absent.
+    """
     from scripts.activation_caching import cache_prompt_activations
     from scripts.hooked_model import load_hooked_model
     from scripts.linear_probe_data import build_probe_splits
     from scripts.offline_corpus import load_offline_corpus
 
     try:
-        hooked = load_hooked_model("smollm2-135m-refusal-tokens", device="cpu")
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
-    try:
+        hooked = load_hooked_model(model_alias, device="cpu")
         records = load_offline_corpus()
     except FileNotFoundError as error:
         pytest.skip(str(error))
+    # Short prompts keep the forward passes cheap on CPU; the sample is seeded.
+    short = [record for record in records if len(record.prompt) <= max_chars]
     rng = np.random.default_rng(0)
-    sample = [records[index] for index in sorted(rng.choice(len(records), size=min(600, len(records)), replace=False))]
+    sample = [short[index] for index in sorted(rng.choice(len(short), size=min(n_prompts, len(short)), replace=False))]
     splits = build_probe_splits(sample, val_fraction=0.2, test_fraction=0.25, seed=0)
     layer = hooked.n_layers // 2
 
     def acts(dataset) -> torch.Tensor:
-        return cache_prompt_activations(hooked, dataset.prompts, layer, batch_size=32, progress=False).acts[layer]
+        cached = cache_prompt_activations(hooked, dataset.prompts, layer, batch_size=32, cache=True, progress=False)
+        return cached.acts[layer]
 
-    probe, metrics = train_probe(acts(splits.train), splits.train.labels, acts(splits.val), splits.val.labels,
-                                 layer=layer, progress=False)
-    held_out = evaluate_probe(probe, acts(splits.test), splits.test.labels)
+    probe, metrics = train_probe(
+        acts(splits.train), splits.train.labels, acts(splits.val), splits.val.labels,
+        weight_decay=WEIGHT_DECAY_GRID, layer=layer, progress=False,
+    )
+    return evaluate_probe(probe, acts(splits.test), splits.test.labels), metrics
+
+
+@pytest.mark.refusal_model
+def test_refusal_model_probe_reaches_auc_095():
+    held_out, metrics = held_out_probe_auc("smollm2-135m-refusal-tokens")
     assert held_out["auc"] >= 0.95, (held_out, metrics)
