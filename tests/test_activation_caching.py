@@ -222,14 +222,14 @@ def test_disk_cache_round_trip_and_hit(hooked, texts, tmp_path):
 
 def test_disk_cache_key_depends_on_weights(models, texts, tmp_path):
     hooked_model, _ = models
-    cache_activations(hooked_model, texts, 1, cache=True, cache_directory=tmp_path, progress=False)
+    first = cache_activations(hooked_model, texts, 1, cache=True, cache_directory=tmp_path, progress=False)
     tokenizer = build_tiny_tokenizer()
     other = build_tiny_model(tokenizer, seed=1)
     add_refusal_tokens(tokenizer, DONOTANSWER_CATEGORIES, model=other)
     other_hooked = wrap_model(other, tokenizer)
     result = cache_activations(other_hooked, texts, 1, cache=True, cache_directory=tmp_path, progress=False)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
-    assert not torch.allclose(result.acts[1], load_activations(sorted(tmp_path.glob("*.safetensors"))[0]).acts[1])
+    assert not torch.allclose(result.acts[1], first.acts[1])  # a real forward pass on the other weights, not a hit
 
 
 def test_save_and_load_activations(hooked, texts, tmp_path):
