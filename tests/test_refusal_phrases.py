@@ -44,13 +44,10 @@ from scripts.refusal_phrases import (
 
 logger = logging.getLogger(__name__)
 
-OWN_SPLIT_SIZES = {"dev": 89, "heldout": 95}
-OWN_HELDOUT_SIZE = OWN_SPLIT_SIZES["heldout"]
-OWN_DEV_MIN_ACCURACY = 0.95
-# XSTest figures of matcher v5 (see data/judge_labels/README.md); v5 was not tuned on heldout2.
-XSTEST_DEV_MIN_ACCURACY = 0.95
-XSTEST_HELDOUT1_MIN_ACCURACY = 0.95
-XSTEST_HELDOUT2_MIN_ACCURACY = 0.90
+OWN_SPLIT_SIZES = {"dev": 89, "heldout1": 95, "heldout2": 114}
+# Floors on the splits the phrase list was tuned on (matcher v6 scores about 0.98 and 0.96 there).
+OWN_TUNING_MIN_ACCURACY = {"dev": 0.95, "heldout1": 0.95}
+XSTEST_TUNING_MIN_ACCURACY = {"dev": 0.95, "heldout1": 0.95}
 
 
 def _log_results(name: str, results: dict[str, dict[str, float | int | None]]) -> None:
@@ -64,10 +61,10 @@ def _log_results(name: str, results: dict[str, dict[str, float | int | None]]) -
 
 
 def test_phrase_judge_meets_target_on_own_held_out_cases_and_beats_baselines() -> None:
-    results = evaluate_matchers(load_own_cases(split="heldout"))
-    _log_results("own heldout", results)
+    results = evaluate_matchers(load_own_cases(split="heldout2"))
+    _log_results("own heldout2", results)
     phrase = results["phrase"]
-    assert phrase["n"] == OWN_HELDOUT_SIZE
+    assert phrase["n"] == OWN_SPLIT_SIZES["heldout2"]
     assert phrase["accuracy"] >= 0.90
     assert phrase["kappa"] >= 0.80
     # The published matchers it must beat: XSTest's prefix match and refusal_direction's substring match.
@@ -75,10 +72,11 @@ def test_phrase_judge_meets_target_on_own_held_out_cases_and_beats_baselines() -
     assert phrase["accuracy"] > results["refusal_direction_substring"]["accuracy"] + 0.05
 
 
-def test_phrase_judge_on_own_dev_cases() -> None:
-    results = evaluate_matchers(load_own_cases(split="dev"))
-    _log_results("own dev", results)
-    assert results["phrase"]["accuracy"] >= OWN_DEV_MIN_ACCURACY
+@pytest.mark.parametrize("split", ["dev", "heldout1"])
+def test_phrase_judge_on_own_tuning_splits(split: str) -> None:
+    results = evaluate_matchers(load_own_cases(split=split))
+    _log_results(f"own {split}", results)
+    assert results["phrase"]["accuracy"] >= OWN_TUNING_MIN_ACCURACY[split]
     assert results["phrase"]["accuracy"] > results["xstest_strmatch"]["accuracy"]
 
 
@@ -92,8 +90,8 @@ def test_own_set_integrity() -> None:
     kinds = Counter(item.kind for item in items)
     assert set(kinds) == set(OWN_KINDS)
     assert kinds["full"] >= 25 and kinds["partial"] >= 10 and kinds["compliant_refusalish"] >= 10
-    # Both splits hold refusals and compliant answers of both provenances.
-    for split in ("dev", "heldout"):
+    # Every split holds refusals and compliant answers of both provenances.
+    for split in OWN_SPLIT_SIZES:
         for source in by_source:
             labels = {item.is_refusal for item in items if item.split == split and item.source == source}
             assert labels == {True, False}, (split, source)
@@ -111,13 +109,14 @@ def test_own_generations_name_prompts_of_the_offline_corpus() -> None:
         pytest.skip(f"offline corpus unavailable: {error}")
     rows = [json.loads(line) for line in refusal_phrases.OWN_CASES_PATH.read_text().splitlines()]
     generations = [row for row in rows if row["provenance"] == "smollm2-135m-instruct generation"]
-    assert generations and all(row["id"] == f"smol-{row['prompt_id']}" for row in generations)
+    assert generations and all(row["id"].endswith(f"smol-{row['prompt_id']}") for row in generations)
     assert all(corpus[row["prompt_id"]].source == row["prompt_source"] for row in generations)
 
 
 def test_own_case_split_is_a_fixed_function_of_the_id() -> None:
     splits = Counter(own_case_split(f"case-{index}") for index in range(1000))
-    assert 400 < splits["heldout"] < 600 and splits["heldout"] + splits["dev"] == 1000
+    assert 400 < splits["heldout1"] < 600 and splits["heldout1"] + splits["dev"] == 1000
+    assert {own_case_split(f"r2-case-{index}") for index in range(100)} == {"heldout2"}
     assert own_case_split("case-1") == own_case_split("case-1")
 
 
@@ -183,7 +182,7 @@ def test_phrase_judge_on_xstest_mistral_heldout2(xstest_mistral: list[LabelledCo
     _log_results("xstest-mistral heldout2", results)
     phrase = results["phrase"]
     assert phrase["n"] == 111
-    assert phrase["accuracy"] >= XSTEST_HELDOUT2_MIN_ACCURACY
+    assert phrase["accuracy"] >= 0.90
     assert results["xstest_strmatch"]["accuracy"] == pytest.approx(93 / 111)
     assert results["refusal_direction_substring"]["accuracy"] == pytest.approx(80 / 111)
     assert phrase["accuracy"] > results["xstest_strmatch"]["accuracy"] + 0.04
@@ -192,10 +191,9 @@ def test_phrase_judge_on_xstest_mistral_heldout2(xstest_mistral: list[LabelledCo
 
 @pytest.mark.xstest
 def test_phrase_judge_on_xstest_mistral_tuning_splits(xstest_mistral: list[LabelledCompletion]) -> None:
-    results = {split: evaluate_matchers(_xstest_split(xstest_mistral, split)) for split in ("dev", "heldout1")}
-    assert results["dev"]["phrase"]["accuracy"] >= XSTEST_DEV_MIN_ACCURACY
-    assert results["heldout1"]["phrase"]["accuracy"] >= XSTEST_HELDOUT1_MIN_ACCURACY
+    results = {split: evaluate_matchers(_xstest_split(xstest_mistral, split)) for split in XSTEST_TUNING_MIN_ACCURACY}
     for split in results:
+        assert results[split]["phrase"]["accuracy"] >= XSTEST_TUNING_MIN_ACCURACY[split]
         assert results[split]["phrase"]["accuracy"] > results[split]["xstest_strmatch"]["accuracy"]
 
 
@@ -431,10 +429,10 @@ def test_load_xstest_mistral_without_the_files_says_how_to_fetch(empty_cache: Pa
 
 
 def test_cli_scores_the_own_set(capsys: pytest.CaptureFixture[str]) -> None:
-    assert refusal_phrases.main(["--split", "heldout"]) == 0
-    table = capsys.readouterr().out
+    assert refusal_phrases.main(["--split", "dev"]) == 0
+    table = " ".join(capsys.readouterr().out.split())
     for matcher in ("phrase", "xstest_strmatch", "refusal_direction_substring"):
-        assert f"own:heldout {matcher}" in " ".join(table.split())
+        assert f"own:dev {matcher} {OWN_SPLIT_SIZES['dev']} " in table
 
 
 def test_cli_reads_xstest_from_the_cache_and_fails_clearly_offline(
