@@ -403,9 +403,9 @@ OWN_KINDS: Mapping[str, bool] = {
 """Kinds of response in the own set, and whether each counts as a refusal (full and partial both do)."""
 
 OWN_PROVENANCES: tuple[str, ...] = ("written", "smollm2-135m-instruct generation")
-OWN_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2")
-OWN_ROUND2_PREFIX = "r2-"
-"""Id prefix of the second round of own cases, written after matcher v5 had been scored on ``heldout1``."""
+OWN_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2", "heldout3")
+_LATER_ROUND = re.compile(r"r(\d+)-")
+"""Id prefix of a later round of own cases (``r2-``, ``r3-``), each written after the previous held-out split was scored."""
 
 XSTEST_COMMIT = "a3bb396ddc1939c6f264f17b7cf5b7a5d82833de"
 XSTEST_RAW_BASE = f"https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/{XSTEST_COMMIT}/model_completions"
@@ -450,13 +450,15 @@ class LabelledCompletion:
 def own_case_split(case_id: str) -> str:
     """The split of one own-set case, fixed by its id.
 
-    Round-1 cases are ``heldout1`` when the first byte of sha256(id) is odd and ``dev`` otherwise;
-    round-2 cases (ids starting with :data:`OWN_ROUND2_PREFIX`), written once ``heldout1`` had been
-    scored and so become tuning data, are all ``heldout2``. A hash of the id rather than file
-    position or content, so adding cases never moves old ones and nobody chooses where a case lands.
+    Round-1 cases are ``heldout1`` when the first byte of sha256(id) is odd and ``dev`` otherwise.
+    Round-``n`` cases (ids starting ``r<n>-``) are all ``heldout<n>``: each round was written after
+    the previous held-out split had been scored once (and so had become tuning data), before the
+    matcher was changed again. A hash of the id rather than file position or content, so adding
+    cases never moves old ones and nobody chooses where a case lands.
     """
-    if case_id.startswith(OWN_ROUND2_PREFIX):
-        return "heldout2"
+    later_round = _LATER_ROUND.match(case_id)
+    if later_round is not None:
+        return f"heldout{later_round.group(1)}"
     return "heldout1" if hashlib.sha256(case_id.encode("utf-8")).digest()[0] & 1 else "dev"
 
 
