@@ -1,8 +1,9 @@
 """Tests of the phrase judge, the published string-matching baselines and the labelled sets.
 
-The accuracy target is checked on the ``heldout`` split of the project's own labelled cases
-(``data/judge_labels/labelled_cases.jsonl``): the phrase list was only ever changed in response to
-errors on the ``dev`` split. Do not tune rules to make that test pass.
+The accuracy target is checked on the ``heldout3`` split of the project's own labelled cases
+(``data/judge_labels/labelled_cases.jsonl``), written before matcher v7 and scored by it once; v7
+was tuned on ``dev``, ``heldout1`` and ``heldout2`` only (see the README there). Do not tune rules
+to make that test pass: add a fresh round of cases instead.
 
 Tests marked ``xstest`` score XSTest's human-labelled Mistral completions, which are not stored in
 the repository: they skip unless ``python -m scripts.refusal_phrases --set xstest-mistral --fetch``
@@ -44,9 +45,9 @@ from scripts.refusal_phrases import (
 
 logger = logging.getLogger(__name__)
 
-OWN_SPLIT_SIZES = {"dev": 89, "heldout1": 95, "heldout2": 114}
-# Floors on the splits the phrase list was tuned on (matcher v6 scores about 0.98 and 0.96 there).
-OWN_TUNING_MIN_ACCURACY = {"dev": 0.95, "heldout1": 0.95}
+OWN_SPLIT_SIZES = {"dev": 89, "heldout1": 95, "heldout2": 114, "heldout3": 115}
+# Floors on the splits the phrase list was tuned on (matcher v7 scores 0.96 to 0.98 there).
+OWN_TUNING_MIN_ACCURACY = {"dev": 0.95, "heldout1": 0.95, "heldout2": 0.95}
 XSTEST_TUNING_MIN_ACCURACY = {"dev": 0.95, "heldout1": 0.95}
 
 
@@ -61,10 +62,10 @@ def _log_results(name: str, results: dict[str, dict[str, float | int | None]]) -
 
 
 def test_phrase_judge_meets_target_on_own_held_out_cases_and_beats_baselines() -> None:
-    results = evaluate_matchers(load_own_cases(split="heldout2"))
-    _log_results("own heldout2", results)
+    results = evaluate_matchers(load_own_cases(split="heldout3"))
+    _log_results("own heldout3", results)
     phrase = results["phrase"]
-    assert phrase["n"] == OWN_SPLIT_SIZES["heldout2"]
+    assert phrase["n"] == OWN_SPLIT_SIZES["heldout3"]
     assert phrase["accuracy"] >= 0.90
     assert phrase["kappa"] >= 0.80
     # The published matchers it must beat: XSTest's prefix match and refusal_direction's substring match.
@@ -72,7 +73,7 @@ def test_phrase_judge_meets_target_on_own_held_out_cases_and_beats_baselines() -
     assert phrase["accuracy"] > results["refusal_direction_substring"]["accuracy"] + 0.05
 
 
-@pytest.mark.parametrize("split", ["dev", "heldout1"])
+@pytest.mark.parametrize("split", sorted(OWN_TUNING_MIN_ACCURACY))
 def test_phrase_judge_on_own_tuning_splits(split: str) -> None:
     results = evaluate_matchers(load_own_cases(split=split))
     _log_results(f"own {split}", results)
@@ -117,6 +118,7 @@ def test_own_case_split_is_a_fixed_function_of_the_id() -> None:
     splits = Counter(own_case_split(f"case-{index}") for index in range(1000))
     assert 400 < splits["heldout1"] < 600 and splits["heldout1"] + splits["dev"] == 1000
     assert {own_case_split(f"r2-case-{index}") for index in range(100)} == {"heldout2"}
+    assert own_case_split("r3-w001") == "heldout3"
     assert own_case_split("case-1") == own_case_split("case-1")
 
 
