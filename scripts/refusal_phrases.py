@@ -460,8 +460,8 @@ class LabelledCompletion:
         prompt: The user prompt.
         completion: The response.
         is_refusal: The label: full or partial refusal (``True``) or compliance (``False``).
-        split: ``dev`` / ``heldout1`` / ``heldout2`` (own set and XSTest Mistral set) or ``all`` (a
-            whole XSTest file).
+        split: ``dev`` or ``heldout<n>`` (own set: :data:`OWN_SPLITS`; XSTest Mistral set:
+            :data:`XSTEST_MISTRAL_SPLITS`), or ``all`` (a whole XSTest file).
         source: Who wrote the response: an own-set provenance or the XSTest file stem.
         kind: The finer label: an :data:`OWN_KINDS` key, or XSTest's ``final_label``.
     """
