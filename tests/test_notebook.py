@@ -1,0 +1,38 @@
+"""The notebook, executed headless in its fast configuration: a broken cell fails the build."""
+
+import json
+
+import pytest
+
+from scripts.run_notebook import FAST_PARAMETERS, run_notebook
+
+CONDITIONS = ("base", "categorical_steering", "probe_routed_steering", "low_rank_combination")
+
+
+@pytest.mark.slow
+def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
+    run_dir = run_notebook(dict(FAST_PARAMETERS), results_root=tmp_path)
+
+    executed = json.loads((run_dir / "refusal_tokens.executed.ipynb").read_text())
+    errors = [output for cell in executed["cells"] if cell["cell_type"] == "code"
+              for output in cell.get("outputs", []) if output.get("output_type") == "error"]
+    assert errors == []
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["categories"] == [
+        "discrimination_exclusion_toxicity", "human_chatbot_interaction_harms", "information_hazards",
+        "malicious_uses", "misinformation_harms",
+    ]
+    assert isinstance(summary["layer"], int) and 0 <= summary["layer"] < 30
+    assert 0.0 <= summary["probe"]["auc"] <= 1.0
+    for condition in CONDITIONS:
+        row = summary[condition]
+        # 3 held-out harmful prompts per category and 10 over-refusal prompts; the phrase judge never errs.
+        assert (row["n_harmful"], row["n_benign"], row["n_errors"]) == (15, 10, 0)
+        assert 0.0 <= row["refusal_rate_harmful"] <= 1.0 and 0.0 <= row["over_refusal_rate_benign"] <= 1.0
+        assert set(row["per_category"]["harmful"]) == set(summary["categories"])
+    png = (run_dir / "refusal_tradeoff.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    for condition in CONDITIONS:
+        lines = (run_dir / "generations" / f"{condition}.jsonl").read_text().splitlines()
+        assert len(lines) == 25  # 15 harmful + 10 over-refusal prompts, each written once
