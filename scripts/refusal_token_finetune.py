@@ -67,7 +67,9 @@ OPTIMIZER_TENSORS_NAME = "optimizer.safetensors"
 OPTIMIZER_GROUPS_NAME = "optimizer_groups.json"
 
 HARMFUL_TRAIN_SOURCES: tuple[str, ...] = ("donotanswer",)
-"""Harmful sources trained on: the ones labelled with the five Do-Not-Answer risk areas."""
+"""Harmful sources trained on by default: Do-Not-Answer, labelled with the five risk areas.
+``rho_refusal_pairs`` (whose harmful side is mapped to the same areas) can be added; it is left out
+by default so that the pairs' harmful prompts stay unseen for held-out-source evaluations."""
 
 EXTRA_EVAL_SOURCES: tuple[str, ...] = ("harmbench", "advbench")
 """Harmful sources without a Do-Not-Answer category, evaluated (never trained on) for the category-token rate."""
@@ -649,7 +651,8 @@ def first_token_rates(
     Returns:
         ``n``; ``category_token_first`` (any category token), ``respond_first``, ``other_first``;
         ``right_category`` (the record's own category token; only over records whose category is
-        in the set, else ``None``); ``by_category``: the same per record category; ``confusion``:
+        in the set, else ``None``); ``by_category`` and ``by_source``: the same per record
+        category and per source; ``confusion``:
         record category → decided token (category name, ``"respond"`` or ``"other"``) → count.
     """
     by_token = category_set.category_of_token_id(tokenizer)
@@ -671,6 +674,8 @@ def first_token_rates(
     result = rates(pairs)
     categories = sorted({record.category for record in records})
     result["by_category"] = {c: rates([(r, d) for r, d in pairs if r.category == c]) for c in categories}
+    sources = sorted({record.source for record in records})
+    result["by_source"] = {s: rates([(r, d) for r, d in pairs if r.source == s]) for s in sources}
     result["confusion"] = {c: dict(Counter(d for r, d in pairs if r.category == c)) for c in categories}
     return result
 
@@ -741,6 +746,24 @@ def balanced_subsample(records: Sequence[PromptRecord], budget: int, seed: int) 
     return [record for index, record in enumerate(records) if index in chosen]
 
 
+def balance_categories(records: Sequence[PromptRecord], seed: int) -> list[PromptRecord]:
+    """Repeat the records of each category up to the largest category's count (whole copies, then a seeded draw).
+
+    Returns:
+        The input records followed by the added copies; nothing is dropped.
+    """
+    groups: dict[str, list[PromptRecord]] = {}
+    for record in records:
+        groups.setdefault(record.category, []).append(record)
+    largest = max((len(group) for group in groups.values()), default=0)
+    extra: list[PromptRecord] = []
+    for category in sorted(groups):
+        group = groups[category]
+        whole, remainder = divmod(largest - len(group), len(group))
+        extra.extend(group * whole + random.Random(f"{seed}|{category}").sample(group, remainder))
+    return list(records) + extra
+
+
 def select_offline_data(
     corpus: Sequence[PromptRecord],
     category_set: CategorySet,
@@ -749,29 +772,35 @@ def select_offline_data(
     benign_ratio: float = DEFAULT_BENIGN_RATIO,
     limit: int | None = None,
     extra_eval_per_source: int = 100,
+    harmful_sources: Sequence[str] = HARMFUL_TRAIN_SOURCES,
 ) -> OfflineData:
-    """Split the offline corpus: train on Do-Not-Answer harmful and non-evaluation benign prompts.
+    """Split the offline corpus: train on categorised harmful and non-evaluation benign prompts.
 
-    Do-Not-Answer and the benign sources are split together (seeded, stratified by label,
-    category and source; near-duplicates kept on one side). The training benign prompts are
-    subsampled to ``benign_ratio`` times the harmful count, evenly over sources and look-alike
-    categories; benign prompts are plentiful, so nothing needs oversampling. The over-refusal set
-    and the other evaluation-only or uncategorised harmful sources never enter training.
+    The harmful sources (Do-Not-Answer by default) and the benign sources are split together
+    (seeded, stratified by label, category and source; near-duplicates kept on one side). The
+    training benign prompts are subsampled to ``benign_ratio`` times the (distinct) harmful count,
+    evenly over sources and look-alike categories; benign prompts are plentiful, so nothing needs
+    oversampling. The harmful training prompts are then repeated per category up to the largest
+    category (:func:`balance_categories`): without it the small risk areas were confused. The
+    over-refusal set and the other evaluation-only or uncategorised harmful sources never enter
+    training.
 
     Args:
         limit: At most this many training and test prompts per label (a fast configuration).
         extra_eval_per_source: Prompts kept from each of :data:`EXTRA_EVAL_SOURCES`.
+        harmful_sources: Harmful sources to train (and hold out) on; their categories must be in
+            ``category_set``.
     """
     pool = [
         record
         for record in exclude_eval_only(corpus)
-        if (record.label == "harmful" and record.source in HARMFUL_TRAIN_SOURCES) or record.label == "benign"
+        if (record.label == "harmful" and record.source in harmful_sources) or record.label == "benign"
     ]
     unknown = sorted({r.category for r in pool if r.label == "harmful" and r.category not in category_set.tokens})
     if unknown:
         raise KeyError(f"harmful training categories {unknown} are not in category set {category_set.name!r}")
     if not any(record.label == "harmful" for record in pool):
-        raise ValueError(f"the corpus has no harmful records from {HARMFUL_TRAIN_SOURCES}")
+        raise ValueError(f"the corpus has no harmful records from {list(harmful_sources)}")
     split = train_val_test_split(
         pool, val_fraction=0.0, test_fraction=test_fraction, seed=seed, stratify_by=("label", "category", "source")
     )
@@ -784,6 +813,7 @@ def select_offline_data(
         test_harmful = balanced_subsample(test_harmful, limit, seed)
         test_benign = balanced_subsample(test_benign, limit, seed)
     train_benign = balanced_subsample(train_benign, round(benign_ratio * len(train_harmful)), seed)
+    train_harmful = balance_categories(train_harmful, seed)
     overrefusal = [r for r in corpus if r.source == OVERREFUSAL_SOURCE]
     extra = {
         source: subsample_per_category([r for r in corpus if r.source == source], extra_eval_per_source, seed, by=("source",))
@@ -817,6 +847,7 @@ def default_output_dir(limit: int | None = None) -> Path:
 
 
 def _counts(records: Iterable[PromptRecord], key: str) -> dict[str, int]:
+    """Records per value of the field ``key``, sorted by value."""
     return dict(sorted(Counter(getattr(record, key) for record in records).items()))
 
 
@@ -827,6 +858,7 @@ def build_offline_refusal_model(
     out: str | os.PathLike[str] | None = None,
     base_model: str = SMOLLM2_ALIAS,
     benign_ratio: float = DEFAULT_BENIGN_RATIO,
+    harmful_sources: Sequence[str] = HARMFUL_TRAIN_SOURCES,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Path:
@@ -846,6 +878,7 @@ def build_offline_refusal_model(
         out: Output directory (default: :func:`default_output_dir`).
         base_model: The chat model to start from (alias, Hub id or directory), without refusal tokens.
         benign_ratio: Benign training prompts per harmful one.
+        harmful_sources: Harmful corpus sources to train on (see :data:`HARMFUL_TRAIN_SOURCES`).
         device: Where to train (default: CUDA when available, else CPU).
     """
     from scripts.offline_corpus import load_offline_corpus
@@ -859,7 +892,12 @@ def build_offline_refusal_model(
     timings: dict[str, float] = {}
     category_set = DONOTANSWER_CATEGORIES
     data = select_offline_data(
-        load_offline_corpus(), category_set, seed=config.seed, benign_ratio=benign_ratio, limit=limit
+        load_offline_corpus(),
+        category_set,
+        seed=config.seed,
+        benign_ratio=benign_ratio,
+        limit=limit,
+        harmful_sources=harmful_sources,
     )
     logger.info(
         "training on %d harmful + %d benign prompts; held out %d harmful + %d benign",
@@ -913,6 +951,7 @@ def build_offline_refusal_model(
         "split": {
             "seed": config.seed,
             "train_harmful": _counts(data.train_harmful, "category"),
+            "train_harmful_distinct": len({r.id for r in data.train_harmful}),
             "train_benign_by_source": _counts(data.train_benign, "source"),
             "train_benign_by_category": _counts(data.train_benign, "category"),
             "test_harmful": _counts(data.test_harmful, "category"),
@@ -921,6 +960,7 @@ def build_offline_refusal_model(
             "extra_harmful": {source: len(records) for source, records in data.extra_harmful.items()},
             "limit": limit,
             "benign_ratio": benign_ratio,
+            "harmful_sources": list(harmful_sources),
         },
         "training": {
             "examples": len(examples),
@@ -971,6 +1011,7 @@ def _save_model_dir(model, tokenizer, target: Path, metrics: Mapping[str, Any]) 
 
 
 def _library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape training, for ``metrics.json``."""
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
@@ -982,21 +1023,28 @@ def read_metrics(directory: str | os.PathLike[str] | None = None) -> dict[str, A
     return json.loads((path / METRICS_NAME).read_text(encoding="utf-8"))
 
 
+def _percent(value: float | None) -> str:
+    """A rate as a percentage, or ``n/a`` where there was nothing to count."""
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def format_figures(metrics: Mapping[str, Any]) -> str:
     """A short human-readable summary of the held-out figures of ``metrics.json``."""
     figures, targets, over = metrics["figures"], metrics["targets"], metrics["overrefusal"]
-    lines = [
-        f"{name}: {figures[name]:.1%} (target >= {targets[name]:.0%})" for name in ("harmful_category_token_first",
-                                                                                 "harmful_right_category",
-                                                                                 "benign_respond_first")
-    ]  # fmt: skip
+    evaluation = metrics["evaluation"]
+    lines = [f"{name}: {_percent(figures[name])} (target >= {targets[name]:.0%})" for name in TARGETS]
+    for source, rates in evaluation["test_harmful"].get("by_source", {}).items():
+        lines.append(
+            f"  held-out harmful from {source} (n={rates['n']}): category token first "
+            f"{_percent(rates['category_token_first'])}, right category {_percent(rates['right_category'])}"
+        )
     lines.append(
-        f"over-refusal set: respond first {over['respond_first']:.1%}, "
-        f"category token first {over['category_token_first']:.1%}"
+        f"over-refusal set: respond first {_percent(over['respond_first'])}, "
+        f"category token first {_percent(over['category_token_first'])}"
     )
     for source in EXTRA_EVAL_SOURCES:
-        if source in metrics["evaluation"]:
-            lines.append(f"{source}: category token first {metrics['evaluation'][source]['category_token_first']:.1%}")
+        if source in evaluation:
+            lines.append(f"{source}: category token first {_percent(evaluation[source]['category_token_first'])}")
     timings = metrics["timings"]
     lines.append(
         f"time: {timings['total_s']:.0f} s in total (benign answers {timings['benign_answers_s']:.0f} s, "
@@ -1017,6 +1065,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--force", action="store_true", help="rebuild even when a complete model exists")
     parser.add_argument(
+        "--harmful-sources", nargs="+", default=list(HARMFUL_TRAIN_SOURCES), help="harmful corpus sources to train on"
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (1 is far faster on an oversubscribed CPU)"
     )
     args = parser.parse_args(argv)
@@ -1024,7 +1075,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = replace(defaults, epochs=args.epochs, max_length=args.max_length, seed=args.seed)
-    path = build_offline_refusal_model(force=args.force, config=config, limit=args.limit, out=args.out)
+    path = build_offline_refusal_model(
+        force=args.force, config=config, limit=args.limit, out=args.out, harmful_sources=args.harmful_sources
+    )
     logger.info("refusal-token model at %s", path)
     print(format_figures(read_metrics(path)))
 

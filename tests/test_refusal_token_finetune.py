@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -281,7 +282,11 @@ def test_select_offline_data_keeps_evaluation_sets_out_of_training():
     assert not train_texts & {r.prompt for r in data.test_harmful + data.test_benign}
     assert [r.source for r in data.overrefusal] == ["rho_overrefusal"]
     assert set(data.extra_harmful) == {"harmbench", "advbench"}
-    assert len(data.train_benign) <= len(data.train_harmful)
+    assert len(data.train_benign) <= len({r.id for r in data.train_harmful})
+    distinct = Counter(r.category for r in {r.id: r for r in data.train_harmful}.values())
+    per_category = Counter(r.category for r in data.train_harmful)
+    assert set(per_category.values()) == {max(distinct.values())}  # small categories repeated up to the largest
+    assert distinct["malicious_uses"] > distinct["information_hazards"]
     assert {r.category for r in data.test_harmful} == {c for _, c in HARMFUL}
 
 
