@@ -161,13 +161,15 @@ def held_out_source_splits(
 
 
 def model_training_counts(train_records: Iterable[PromptRecord]) -> dict[str, int]:
-    """Source → number of its prompts the refusal-token model was fine-tuned on (sources absent count 0).
+    """Source → number of distinct prompts of it the refusal-token model was fine-tuned on (absent sources: 0).
 
     Args:
         train_records: The fine-tune's training records, e.g. ``data.train_harmful + data.train_benign``
-            of :func:`scripts.refusal_token_finetune.select_offline_data` with the build's seed.
+            of :func:`scripts.refusal_token_finetune.select_offline_data` with the build's seed; repeats
+            (small categories are repeated up to the largest) count once.
     """
-    return dict(sorted(Counter(record.source for record in train_records).items()))
+    distinct = {record.id: record.source for record in train_records}
+    return dict(sorted(Counter(distinct.values()).items()))
 
 
 # ---------------------------------------------------------------------------------------------------

