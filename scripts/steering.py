@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POSITION_MODES: tuple[str, ...] = ("last_and_generated", "all")
+POSITION_MODES: tuple[str, ...] = ("last_and_generated", "prompt", "all")
 DEFAULT_POSITIONS = "last_and_generated"
 DEFAULT_KIND = "resid_post"
 PAPER_POSITIVE_STRENGTH = 4.0
@@ -74,7 +74,11 @@ def delta_hook(delta: DeltaFunction, positions: str = DEFAULT_POSITIONS) -> Hook
 
     Args:
         delta: Maps the steered region ``[batch, pos, d_model]`` of the activation to the amount to add.
-        positions: ``"last_and_generated"`` (the last position of each call) or ``"all"``.
+        positions: ``"last_and_generated"`` (the last position of each call: the last prompt token, then
+            every generated token), ``"prompt"`` (the last position of a multi-position call only: the
+            last prompt token, which generated tokens then read through the KV cache; cached decoding
+            steps, one position each, pass unchanged; for an intervention trained on that position
+            alone, such as the low-rank combination) or ``"all"``.
 
     Returns:
         ``fn(activation [batch, pos, d_model], hook) -> activation`` (out of place, so gradients flow).
@@ -84,6 +88,8 @@ def delta_hook(delta: DeltaFunction, positions: str = DEFAULT_POSITIONS) -> Hook
     def hook_fn(activation: torch.Tensor, hook: object) -> torch.Tensor:
         if positions == "all":
             return activation + delta(activation).to(activation.dtype)
+        if positions == "prompt" and activation.shape[1] == 1:
+            return activation
         last = activation[:, -1:, :]
         return torch.cat([activation[:, :-1, :], last + delta(last).to(activation.dtype)], dim=1)
 
@@ -733,10 +739,15 @@ def low_rank_combination(
     strength: float = 1.0,
     router: Router | None = None,
     kind: str = DEFAULT_KIND,
-    positions: str = DEFAULT_POSITIONS,
+    positions: str = "prompt",
     name: str | None = None,
 ) -> PlannedCondition:
     """Steer with a learned operator: each steered position gets ``strength · operator(z)``, ``z`` its own activation.
+
+    By default only the last prompt position is steered (``positions="prompt"``), the one position the
+    operator was trained on (:mod:`scripts.train_low_rank_combination_steering`): generated tokens read
+    it through the KV cache. Applied to generated positions too, the untrained operator's output there
+    (their activations lie far from the prompt-position mean it centres on) degrades the text.
 
     Args:
         operator: e.g. :class:`scripts.low_rank_combination_steering.LowRankCombinationSteering`.

@@ -58,7 +58,7 @@ class TrainingConfig:
 
     layer: int
     kind: str = "resid_post"
-    positions: str = "last_and_generated"
+    positions: str = "prompt"
     strength: float = 1.0
     kl_weight: float = 1.0
     epochs: int = 5

@@ -82,7 +82,7 @@ def test_per_row_generation_first_step_matches_rows_alone(hooked, texts):
         torch.testing.assert_close(out.logits[0][row], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("positions", ["last_and_generated", "all"])
+@pytest.mark.parametrize("positions", ["last_and_generated", "prompt", "all"])
 def test_hook_adds_exactly_strength_times_vector_at_the_right_positions_during_generate(hooked, texts, positions):
     vectors = _random_vectors(2, hooked.d_model, seed=2)
     strengths = torch.tensor([2.5, -1.0])
@@ -97,12 +97,15 @@ def test_hook_adds_exactly_strength_times_vector_at_the_right_positions_during_g
     assert len(before) == len(after) == 4
     assert before[0].shape[1] == encoded["input_ids"].shape[1] and all(b.shape[1] == 1 for b in before[1:])
     expected_delta = strengths[:, None] * vectors
-    for pre, post in zip(before, after):
+    for step, (pre, post) in enumerate(zip(before, after)):
         difference = post - pre
+        if positions == "prompt" and step > 0:
+            assert torch.equal(difference, torch.zeros_like(difference))
+            continue
         steered = slice(None) if positions == "all" else slice(-1, None)
         torch.testing.assert_close(difference[:, steered], expected_delta[:, None].expand_as(difference[:, steered]),
                                    atol=1e-5, rtol=0)
-        if positions == "last_and_generated":
+        if positions != "all":
             assert torch.equal(difference[:, :-1], torch.zeros_like(difference[:, :-1]))
 
 
