@@ -56,6 +56,53 @@ def run_notebook(
     return run_dir
 
 
+CONDITION_ORDER: tuple[str, ...] = (
+    "base", "categorical_steering", "probe_routed_steering", "low_rank_combination", "logit_bias",
+)
+
+
+def _rate(value: float | None) -> str:
+    return "   -  " if value is None else f"{value:6.3f}"
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The run's headline figures from ``summary.json`` as a plain-text table.
+
+    Conditions (refusal rate on harmful prompts, over-refusal rate on the benign look-alikes, counts),
+    then, when the run has a ``generalization`` block, one row per held-out source with the best probe
+    router's AUC and the unsteered and probe-routed rates on that source's own prompts.
+    """
+    probe = summary.get("probe", {})
+    lines = [
+        f"model {summary.get('model')}, layer {summary.get('layer')}, judge {summary.get('judge')}, "
+        f"probe AUC (held-out harmful vs over-refusal set) {probe.get('auc', float('nan')):.3f}",
+        "",
+        f"{'condition':24s} {'refusal (harmful)':>18s} {'over-refusal (benign)':>22s} {'n harmful':>10s} {'n benign':>9s}",
+    ]
+    names = [name for name in CONDITION_ORDER if name in summary]
+    names += [name for name in summary.get("conditions", []) if name not in names]
+    for name in names:
+        row = summary[name]
+        lines.append(f"{name:24s} {_rate(row.get('refusal_rate_harmful')):>18s} "
+                     f"{_rate(row.get('over_refusal_rate_benign')):>22s} {row.get('n_harmful', 0):10d} "
+                     f"{row.get('n_benign', 0):9d}")  # fmt: skip
+    generalization = summary.get("generalization")
+    if generalization:
+        router = generalization["best_probe_router"]
+        lines += ["", f"leave-one-source-out ({router} AUC; rates on each source's own prompts: base -> probe-routed)",
+                  f"{'held-out source':22s} {'label':8s} {'AUC':>6s} {'95% CI':>14s} {'base':>7s} {'steered':>8s}"]
+        for source, entry in generalization["sources"].items():
+            auc = entry["probe_auc"][router]
+            own = "harmful" if entry["label"] == "harmful" else "benign"
+            conditions = entry.get("conditions", {})
+            base = conditions.get("base", {}).get(own, {}).get("rate")
+            steered = conditions.get("probe_routed_steering", {}).get(own, {}).get("rate")
+            interval = f"[{auc['ci'][0]:.2f}, {auc['ci'][1]:.2f}]"
+            lines.append(f"{source:22s} {entry['label']:8s} {auc['auc']:6.3f} {interval:>14s} {_rate(base):>7s} "
+                         f"{_rate(steered):>8s}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m scripts.run_notebook [--fast] [--results-root DIR] [-p NAME VALUE ...]``."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -73,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             parameters[name] = value
     run_dir = run_notebook(parameters, results_root=args.results_root)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text())
-    print(json.dumps(summary, indent=2))
+    print(format_summary(json.loads(summary_path.read_text())))
     print(f"\nsummary: {summary_path}\nexecuted notebook: {run_dir / 'refusal_tokens.executed.ipynb'}")
     return 0
 

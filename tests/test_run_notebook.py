@@ -1,0 +1,39 @@
+"""The main command's printed summary (the notebook run itself is tested in test_notebook.py)."""
+
+from scripts.run_notebook import format_summary
+
+
+def _condition(harmful: float, benign: float) -> dict:
+    return {"refusal_rate_harmful": harmful, "over_refusal_rate_benign": benign, "n_harmful": 60, "n_benign": 80}
+
+
+def test_format_summary_lists_conditions_in_order_with_their_rates_and_the_held_out_sources() -> None:
+    summary = {
+        "model": "m", "layer": 15, "judge": "phrase", "probe": {"auc": 0.9512},
+        "conditions": ["probe_routed_steering", "base", "extra"],
+        "probe_routed_steering": _condition(0.95, 0.125), "base": _condition(0.9, 0.25), "extra": _condition(0.5, 0.5),
+        "generalization": {
+            "best_probe_router": "probe_L18",
+            "sources": {
+                "rho_overrefusal": {"label": "benign", "probe_auc": {"probe_L18": {"auc": 0.91, "ci": [0.85, 0.95]}},
+                                    "conditions": {"base": {"benign": {"rate": 0.2}},
+                                                   "probe_routed_steering": {"benign": {"rate": 0.1}}}},
+                "harmbench": {"label": "harmful", "probe_auc": {"probe_L18": {"auc": 0.8, "ci": [0.7, 0.88]}},
+                              "conditions": {"base": {"harmful": {"rate": 0.45}}}},
+            },
+        },
+    }
+    lines = format_summary(summary).splitlines()
+    assert "layer 15" in lines[0] and "0.951" in lines[0]
+    rows = [line.split() for line in lines if line.split()[:1] in (["base"], ["probe_routed_steering"], ["extra"])]
+    assert rows == [["base", "0.900", "0.250", "60", "80"], ["probe_routed_steering", "0.950", "0.125", "60", "80"],
+                    ["extra", "0.500", "0.500", "60", "80"]]
+    sources = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["rho_overrefusal"], ["harmbench"])}
+    assert sources["rho_overrefusal"] == ["rho_overrefusal", "benign", "0.910", "[0.85,", "0.95]", "0.200", "0.100"]
+    assert sources["harmbench"] == ["harmbench", "harmful", "0.800", "[0.70,", "0.88]", "0.450", "-"]
+
+
+def test_format_summary_without_generalization_block_prints_conditions_only() -> None:
+    text = format_summary({"model": "m", "layer": 3, "judge": "token", "probe": {"auc": 0.5}, "conditions": ["base"],
+                           "base": _condition(0.1, 0.2)})
+    assert "leave-one-source-out" not in text and text.splitlines()[-1].split() == ["base", "0.100", "0.200", "60", "80"]
