@@ -417,7 +417,7 @@ def score_refusal(text: str, threshold: float = 0.5) -> PhraseMatch:
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OWN_CASES_PATH = REPO_ROOT / "data" / "judge_labels" / "labelled_cases.jsonl"
-"""The project's own labelled completions: written cases and SmolLM2-135M-Instruct generations."""
+"""The project's own labelled completions: written cases and SmolLM2-135M generations (instruct, refusal-token)."""
 
 OWN_KINDS: Mapping[str, bool] = {
     "full": True,
@@ -430,8 +430,12 @@ OWN_KINDS: Mapping[str, bool] = {
 }
 """Kinds of response in the own set, and whether each counts as a refusal (full and partial both do)."""
 
-OWN_PROVENANCES: tuple[str, ...] = ("written", "smollm2-135m-instruct generation")
-OWN_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2", "heldout3")
+OWN_PROVENANCES: tuple[str, ...] = (
+    "written",
+    "smollm2-135m-instruct generation",
+    "smollm2-135m-refusal-tokens generation",
+)
+OWN_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2", "heldout3", "heldout4")
 _LATER_ROUND = re.compile(r"r(\d+)-")
 """Id prefix of a later round of own cases (``r2-``, ``r3-``), each written after the previous held-out split was scored."""
 
