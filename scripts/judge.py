@@ -138,8 +138,8 @@ class PhraseJudge:
         self.model = f"refusal-phrases-{PHRASES_VERSION}"
 
     def judge(self, row: Mapping[str, Any]) -> Verdict:
-        """Score the row's ``response`` text; the verdict's detail lists the matched rules."""
-        match = score_refusal(row["response"])
+        """Score the row's ``response``, reading its ``prompt`` for premise rebuttals; the detail lists the rules."""
+        match = score_refusal(row["response"], prompt=row["prompt"])
         return Verdict(
             is_refusal=match.is_refusal,
             refusal_score=match.refusal_score,
