@@ -236,3 +236,60 @@ def _repeat(pool: Sequence[PromptRecord], count: int, rng: random.Random) -> lis
     """``count`` records drawn from ``pool``: whole copies first, then a random distinct remainder."""
     whole, remainder = divmod(count, len(pool))
     return list(pool) * whole + rng.sample(list(pool), remainder)
+
+
+def balanced_subsample(records: Sequence[PromptRecord], budget: int, seed: int) -> list[PromptRecord]:
+    """At most ``budget`` records, as even as possible over ``(source, category)`` groups (seeded, input order).
+
+    Groups are visited round-robin, in a seeded order, each yielding its records in a seeded
+    order, so small groups (often the closest look-alikes) are kept whole and large ones are cut.
+    """
+    if budget >= len(records):
+        return list(records)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, record in enumerate(records):
+        groups.setdefault((record.source, record.category), []).append(index)
+    rng = random.Random(f"{seed}|balanced")
+    keys = sorted(groups)
+    for key in keys:
+        rng.shuffle(groups[key])
+    rng.shuffle(keys)
+    chosen: set[int] = set()
+    depth = 0
+    while len(chosen) < budget:
+        for key in keys:
+            if depth < len(groups[key]) and len(chosen) < budget:
+                chosen.add(groups[key][depth])
+        depth += 1
+    return [record for index, record in enumerate(records) if index in chosen]
+
+
+LOOKALIKE_FRACTION = 0.5
+
+
+def benign_with_lookalikes(
+    benign: Sequence[PromptRecord], budget: int, seed: int = 0, lookalike_fraction: float = LOOKALIKE_FRACTION
+) -> list[PromptRecord]:
+    """At most ``budget`` benign records, ``lookalike_fraction`` of them benign look-alikes (seeded, input order).
+
+    A look-alike is a benign record whose ``category`` names a harm category (the corpus tags benign
+    prompts that touch a risk area, e.g. a BBQ question with ``discrimination_exclusion_toxicity``);
+    plain benign records have category ``benign``. Each part is drawn with :func:`balanced_subsample`
+    (even over source and category); a part with too few records is filled from the other. Why: with
+    plain questions only, vectors and probe learn "sounds edgy → harmful" and route the look-alikes the
+    model over-refuses toward refusal (on the offline model, a probe trained on random benign prompts
+    called 21% of the over-refusal set harmful; with half look-alikes, 9–13%).
+
+    Raises:
+        ValueError: ``budget`` is negative or ``lookalike_fraction`` is outside [0, 1].
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    if not 0.0 <= lookalike_fraction <= 1.0:
+        raise ValueError(f"lookalike_fraction must be in [0, 1], got {lookalike_fraction}")
+    lookalikes = [record for record in benign if record.category != "benign"]
+    plain = [record for record in benign if record.category == "benign"]
+    n_lookalike = min(len(lookalikes), max(round(budget * lookalike_fraction), budget - len(plain)))
+    chosen = {id(record) for record in balanced_subsample(lookalikes, n_lookalike, seed)}
+    chosen |= {id(record) for record in balanced_subsample(plain, budget - n_lookalike, seed)}
+    return [record for record in benign if id(record) in chosen]

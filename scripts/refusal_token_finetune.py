@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from scripts.data_splits import exclude_eval_only, subsample_per_category, train_val_test_split
+from scripts.data_splits import balanced_subsample, exclude_eval_only, subsample_per_category, train_val_test_split
 from scripts.model import (
     REFUSAL_TOKEN_MODEL_ALIAS,
     SMOLLM2_ALIAS,
@@ -718,32 +718,6 @@ class OfflineData:
     test_benign: list[PromptRecord]
     overrefusal: list[PromptRecord]
     extra_harmful: dict[str, list[PromptRecord]]
-
-
-def balanced_subsample(records: Sequence[PromptRecord], budget: int, seed: int) -> list[PromptRecord]:
-    """At most ``budget`` records, as even as possible over ``(source, category)`` groups (seeded, input order).
-
-    Groups are visited round-robin, in a seeded order, each yielding its records in a seeded
-    order, so small groups (often the closest look-alikes) are kept whole and large ones are cut.
-    """
-    if budget >= len(records):
-        return list(records)
-    groups: dict[tuple[str, str], list[int]] = {}
-    for index, record in enumerate(records):
-        groups.setdefault((record.source, record.category), []).append(index)
-    rng = random.Random(f"{seed}|balanced")
-    keys = sorted(groups)
-    for key in keys:
-        rng.shuffle(groups[key])
-    rng.shuffle(keys)
-    chosen: set[int] = set()
-    depth = 0
-    while len(chosen) < budget:
-        for key in keys:
-            if depth < len(groups[key]) and len(chosen) < budget:
-                chosen.add(groups[key][depth])
-        depth += 1
-    return [record for index, record in enumerate(records) if index in chosen]
 
 
 def balance_categories(records: Sequence[PromptRecord], seed: int) -> list[PromptRecord]:

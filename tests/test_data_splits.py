@@ -9,6 +9,8 @@ import pytest
 from scripts.data_splits import (
     SPLIT_ROLE_EVAL_ONLY,
     SPLIT_ROLE_KEY,
+    balanced_subsample,
+    benign_with_lookalikes,
     dedupe_records,
     exclude_eval_only,
     is_eval_only,
@@ -171,3 +173,41 @@ def test_oversample_benign_max_category_matches_the_largest_category() -> None:
     assert Counter(r.label for r in balanced)["benign"] == 4
     with pytest.raises(ValueError, match=r"unknown target 'total'; valid: \['per_category', 'max_category'\]"):
         oversample_benign(records, target="total")
+
+
+def _benign_pool() -> list[PromptRecord]:
+    """30 plain benign records of two sources and 12 look-alikes over three (source, category) groups."""
+    plain = [make(f"plain {source} {i}", "benign", "benign", source) for source in ("p1", "p2") for i in range(15)]
+    lookalikes = ([make(f"bbq {i}", "benign", "discrimination", "bbq") for i in range(8)]
+                  + [make(f"pairs {i}", "benign", "malicious_uses", "pairs") for i in range(2)]
+                  + [make(f"pairs info {i}", "benign", "information_hazards", "pairs") for i in range(2)])
+    return plain + lookalikes
+
+
+def test_balanced_subsample_keeps_small_groups_whole_and_evens_out_large_ones() -> None:
+    records = _benign_pool()
+    chosen = balanced_subsample(records, 12, seed=1)
+    counts = Counter((r.source, r.category) for r in chosen)
+    # Five groups, budget 12: the two-record groups are kept whole, the other three share the rest evenly.
+    assert counts[("pairs", "malicious_uses")] == counts[("pairs", "information_hazards")] == 2
+    assert sorted(counts[key] for key in (("p1", "benign"), ("p2", "benign"), ("bbq", "discrimination"))) == [2, 3, 3]
+    assert [r for r in records if r in chosen] == chosen  # input order
+    assert chosen == balanced_subsample(records, 12, seed=1)
+    assert balanced_subsample(records, 100, seed=1) == records
+
+
+def test_benign_with_lookalikes_takes_the_requested_share_and_fills_a_short_side() -> None:
+    records = _benign_pool()
+    half = benign_with_lookalikes(records, 20, seed=0)
+    assert len(half) == 20 and sum(r.category != "benign" for r in half) == 10
+    assert Counter(r.source for r in half if r.category == "benign") == {"p1": 5, "p2": 5}
+    # 12 look-alikes exist: asking for 30 at fraction 0.5 takes all 12 and 18 plain ones.
+    most = benign_with_lookalikes(records, 30, seed=0)
+    assert sum(r.category != "benign" for r in most) == 12 and len(most) == 30
+    # Too few plain records: the look-alikes fill the gap.
+    few_plain = [r for r in records if r.category != "benign"] + [r for r in records if r.category == "benign"][:3]
+    assert len(benign_with_lookalikes(few_plain, 14, seed=0, lookalike_fraction=0.25)) == 14
+    assert all(r.category == "benign" for r in benign_with_lookalikes(records, 10, seed=0, lookalike_fraction=0.0))
+    with pytest.raises(ValueError, match="lookalike_fraction"):
+        benign_with_lookalikes(records, 10, lookalike_fraction=1.5)
+
