@@ -1,17 +1,21 @@
 """Choose the steering layer and strength with a cheap sweep: one forward pass per prompt batch, no generation.
 
 For every cell ``(layer, strength s >= 0)`` harmful prompts are steered toward refusal (``+s`` along
-their category's vector) and benign prompts away from it (``−benign_strength_ratio · s``), all in one
-batched pass with per-row vectors, and the next-token distribution at the assistant's first position
-is read:
+their category's vector) and benign prompts away from it (``−benign_strength_ratio · s``); harmful
+prompts are also steered away, as a router that mistakes them for benign would. All in one batched pass
+with per-row vectors; the next-token distribution at the assistant's first position is read:
 
-* ``harmful_refusal``: mean over harmful prompts of ``Σ_c p(refusal token c)``;
-* ``benign_respond``: mean over benign prompts of ``p([respond])``.
+* ``harmful_refusal``: mean over harmful prompts steered toward refusal of ``Σ_c p(refusal token c)``;
+* ``benign_respond``: mean over benign prompts of ``p([respond])``;
+* ``misrouted_harmful_refusal``: mean over harmful prompts steered *away* of ``Σ_c p(refusal token c)``.
 
-Objective (maximised): ``(harmful_refusal + benign_respond) / 2``, the refusal-token analogue of
-balanced accuracy: 1 means every harmful prompt starts with a refusal token and every benign prompt
-with ``[respond]``. Ties go to the earlier cell in sweep order (layers as given, strengths as given),
-so list smaller strengths first to prefer them. A prompt's category is its label when given, else the
+Objective (maximised): the mean of the three. The first two are the refusal-token analogue of balanced
+accuracy under perfect routing; the third prices routing errors: a probe misses some harmful prompts,
+and a strength that only just flips benign look-alikes to ``[respond]`` leaves a clearly harmful prompt
+refusing, where a larger one makes it comply (on the offline model at layer 18, steering every
+held-out Do-Not-Answer prompt away with −6 kept 97% of them refusing, with −12 92%, while −6 already
+flipped 64% of the over-refused look-alikes). Ties go to the earlier cell in sweep order (layers as
+given, strengths as given), so list smaller strengths first to prefer them. A prompt's category is its label when given, else the
 category whose refusal token the unsteered model finds most likely.
 """
 
@@ -39,9 +43,9 @@ VectorsByLayer = Mapping[int, VectorSource] | Callable[[int], VectorSource]
 """Category vectors per layer: a mapping layer → vectors, or a callable ``layer -> vectors``."""
 
 
-def objective(harmful_refusal: float, benign_respond: float) -> float:
-    """``(harmful_refusal + benign_respond) / 2`` (see the module docstring)."""
-    return 0.5 * (harmful_refusal + benign_respond)
+def objective(harmful_refusal: float, benign_respond: float, misrouted_harmful_refusal: float) -> float:
+    """``(harmful_refusal + benign_respond + misrouted_harmful_refusal) / 3`` (see the module docstring)."""
+    return (harmful_refusal + benign_respond + misrouted_harmful_refusal) / 3.0
 
 
 def _vectors_at(vectors: VectorsByLayer, layer: int, requested: int, category_set: CategorySet) -> torch.Tensor:
@@ -106,7 +110,8 @@ def sweep_layers(
 
     Returns:
         One dict per cell, in sweep order: ``layer``, ``hook``, ``strength``, ``benign_strength``,
-        ``harmful_refusal``, ``harmful_respond``, ``benign_respond``, ``benign_refusal``, ``objective``.
+        ``harmful_refusal``, ``harmful_respond``, ``benign_respond``, ``benign_refusal``,
+        ``misrouted_harmful_refusal``, ``objective``.
     """
     from tqdm.auto import tqdm
 
@@ -118,14 +123,17 @@ def sweep_layers(
         raise ValueError(f"benign_strength_ratio must be >= 0, got {benign_strength_ratio}")
     check_positions(positions)
     resolved = [validate_layer(layer, hooked.n_layers) for layer in layers]
-    texts = list(harmful_texts) + list(benign_texts)
-    n_harmful = len(harmful_texts)
-    unsteered = refusal_token_probabilities(hooked, texts, category_set, batch_size=batch_size)
+    n_harmful, n_benign = len(harmful_texts), len(benign_texts)
+    unsteered = refusal_token_probabilities(hooked, list(harmful_texts) + list(benign_texts), category_set,
+                                            batch_size=batch_size)  # fmt: skip
     most_likely = unsteered[:, :-1].argmax(dim=-1)
-    categories = (_row_categories(harmful_categories, n_harmful, most_likely[:n_harmful], category_set, "harmful")
-                  + _row_categories(benign_categories, len(benign_texts), most_likely[n_harmful:], category_set,
-                                    "benign"))
-    direction = torch.tensor([1.0] * n_harmful + [-benign_strength_ratio] * len(benign_texts))
+    harmful_rows = _row_categories(harmful_categories, n_harmful, most_likely[:n_harmful], category_set, "harmful")
+    benign_rows = _row_categories(benign_categories, n_benign, most_likely[n_harmful:], category_set, "benign")
+    # Rows: harmful toward refusal, benign away, harmful away (misrouted).
+    texts = list(harmful_texts) + list(benign_texts) + list(harmful_texts)
+    categories = harmful_rows + benign_rows + harmful_rows
+    direction = torch.tensor([1.0] * n_harmful + [-benign_strength_ratio] * (n_benign + n_harmful))
+    unsteered = torch.cat([unsteered, unsteered[:n_harmful]])
     table = []
     cells = [(layer, requested, float(s)) for layer, requested in zip(resolved, layers) for s in strengths]
     for layer, requested, strength in tqdm(cells, desc="layer sweep", disable=not progress):
@@ -135,7 +143,8 @@ def sweep_layers(
             rows = _vectors_at(vectors, layer, requested, category_set)[categories]
             hook = per_row_batch_hook(hooked, layer, rows, strength * direction, kind, positions)
             probabilities = refusal_token_probabilities(hooked, texts, category_set, hook, batch_size=batch_size)
-        harmful, benign = probabilities[:n_harmful], probabilities[n_harmful:]
+        harmful, benign = probabilities[:n_harmful], probabilities[n_harmful : n_harmful + n_benign]
+        misrouted = probabilities[n_harmful + n_benign :]
         cell = {
             "layer": layer,
             "hook": hooked.hook_name(layer, kind),
@@ -145,8 +154,9 @@ def sweep_layers(
             "harmful_respond": float(harmful[:, -1].mean()),
             "benign_respond": float(benign[:, -1].mean()),
             "benign_refusal": float(benign[:, :-1].sum(dim=-1).mean()),
+            "misrouted_harmful_refusal": float(misrouted[:, :-1].sum(dim=-1).mean()),
         }
-        cell["objective"] = objective(cell["harmful_refusal"], cell["benign_respond"])
+        cell["objective"] = objective(cell["harmful_refusal"], cell["benign_respond"], cell["misrouted_harmful_refusal"])
         table.append(cell)
     best = best_cell(table)
     logger.info("best cell: layer %d, strength %g (objective %.4f)", best["layer"], best["strength"], best["objective"])

@@ -55,18 +55,24 @@ def test_sweep_returns_every_cell_and_matches_the_brute_force_reference(hooked):
     reference = []
     for layer in (0, 2, 3):
         for strength in STRENGTHS:
-            rows = []
+            rows, misrouted_rows = [], []
             for index, text in enumerate(harmful + benign):
                 signed = strength if index < len(harmful) else -1.5 * strength
                 with steering.steer(hooked, layer, vectors[layer][categories[index]], signed):
                     rows.append(_single_probabilities(hooked, text))
+                if index < len(harmful):
+                    with steering.steer(hooked, layer, vectors[layer][categories[index]], -1.5 * strength):
+                        misrouted_rows.append(_single_probabilities(hooked, text))
             probabilities = torch.stack(rows)
             harmful_refusal = float(probabilities[: len(harmful), :-1].sum(dim=-1).mean())
             benign_respond = float(probabilities[len(harmful) :, -1].mean())
-            reference.append((harmful_refusal, benign_respond, objective(harmful_refusal, benign_respond)))
-    for cell, (harmful_refusal, benign_respond, value) in zip(table, reference):
+            misrouted = float(torch.stack(misrouted_rows)[:, :-1].sum(dim=-1).mean())
+            reference.append((harmful_refusal, benign_respond, misrouted,
+                              objective(harmful_refusal, benign_respond, misrouted)))
+    for cell, (harmful_refusal, benign_respond, misrouted, value) in zip(table, reference):
         assert cell["harmful_refusal"] == pytest.approx(harmful_refusal, abs=1e-5)
         assert cell["benign_respond"] == pytest.approx(benign_respond, abs=1e-6)
+        assert cell["misrouted_harmful_refusal"] == pytest.approx(misrouted, abs=1e-5)
         assert cell["objective"] == pytest.approx(value, abs=1e-5)
     best = best_cell(table)
     index = max(range(len(reference)), key=lambda i: reference[i][2])
