@@ -74,7 +74,8 @@ class RunConfig:
 
         Args:
             kind: One of ``config``, ``activations``, ``vectors``, ``probe``, ``low_rank``,
-                ``generations``, ``judge``, ``report``, ``summary``, ``figure``, ``notebook``.
+                ``generations``, ``judge``, ``report``, ``summary``, ``figure``, ``notebook``, ``generalization``
+                (the directory of the leave-one-source-out generations).
             name: Sub-name where a kind has several (activation set, condition, judge, figure).
 
         Raises:
@@ -93,6 +94,7 @@ class RunConfig:
             "summary": ("summary.json", False),
             "figure": ("figures/{name}.png", True),
             "notebook": ("refusal_tokens.executed.ipynb", False),
+            "generalization": ("generalization", False),
         }
         if kind not in layouts:
             raise ValueError(f"unknown artifact kind {kind!r}; known kinds: {sorted(layouts)}")
