@@ -12,7 +12,7 @@ import logging
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Literal, Sequence
 
 from scripts.records import PromptRecord
@@ -293,3 +293,29 @@ def benign_with_lookalikes(
     chosen = {id(record) for record in balanced_subsample(lookalikes, n_lookalike, seed)}
     chosen |= {id(record) for record in balanced_subsample(plain, budget - n_lookalike, seed)}
     return [record for record in benign if id(record) in chosen]
+
+
+def calibration_split(
+    records: Sequence[PromptRecord], calibration_fraction: float = 0.5, seed: int = 0,
+    stratify_by: Sequence[str] = ("category",),
+) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """``(calibration, evaluation)``: a seeded, stratified, near-duplicate-safe split of an evaluation set.
+
+    Evaluation-only records (such as the over-refusal set) never enter the refusal-token fine-tune,
+    and :func:`train_val_test_split` keeps them on its test side. The steering components (vectors
+    and the routing probe) may still be calibrated on part of such a set, the way the paper's probe
+    data include COCONot's contrast prompts, as long as the rates are reported on the other part.
+    This split ignores the evaluation-only role and otherwise follows :func:`train_val_test_split`.
+
+    Raises:
+        ValueError: ``calibration_fraction`` outside ``(0, 1)``.
+    """
+    if not 0.0 < calibration_fraction < 1.0:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+    unlabelled = [replace(record, meta={k: v for k, v in record.meta.items() if k != SPLIT_ROLE_KEY})
+                  for record in records]  # fmt: skip
+    split = train_val_test_split(unlabelled, val_fraction=0.0, test_fraction=calibration_fraction, seed=seed,
+                                 stratify_by=stratify_by)  # fmt: skip
+    calibration_ids = {record.id for record in split.test}
+    return ([record for record in records if record.id in calibration_ids],
+            [record for record in records if record.id not in calibration_ids])  # fmt: skip

@@ -11,6 +11,7 @@ from scripts.data_splits import (
     SPLIT_ROLE_KEY,
     balanced_subsample,
     benign_with_lookalikes,
+    calibration_split,
     dedupe_records,
     exclude_eval_only,
     is_eval_only,
@@ -210,4 +211,23 @@ def test_benign_with_lookalikes_takes_the_requested_share_and_fills_a_short_side
     assert all(r.category == "benign" for r in benign_with_lookalikes(records, 10, seed=0, lookalike_fraction=0.0))
     with pytest.raises(ValueError, match="lookalike_fraction"):
         benign_with_lookalikes(records, 10, lookalike_fraction=1.5)
+
+
+def test_calibration_split_divides_an_eval_only_set_by_category_keeping_near_duplicates_together() -> None:
+    role = {SPLIT_ROLE_KEY: SPLIT_ROLE_EVAL_ONLY}
+    records = [make(f"look-alike {category} {i}", "benign", category, "over", **role)
+               for category in ("a", "b") for i in range(10)]
+    records.append(make("LOOK-ALIKE a 3!", "benign", "a", "over", **role))  # a near-duplicate of one above
+    calibration, evaluation = calibration_split(records, 0.5, seed=4)
+    assert len(calibration) + len(evaluation) == len(records) and not {r.id for r in calibration} & {r.id for r in evaluation}
+    assert Counter(r.category for r in calibration)["b"] == 5
+    twin = normalize_text("look-alike a 3")
+    sides = [side for side, members in (("cal", calibration), ("eval", evaluation)) for r in members
+             if normalize_text(r.prompt) == twin]
+    assert len(sides) == 2 and len(set(sides)) == 1
+    assert all(is_eval_only(r) for r in calibration + evaluation)  # the records themselves are unchanged
+    assert (calibration, evaluation) == calibration_split(records, 0.5, seed=4)
+    assert calibration != calibration_split(records, 0.5, seed=5)[0]
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        calibration_split(records, 1.0)
 
