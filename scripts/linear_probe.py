@@ -326,7 +326,8 @@ class LinearProbe(torch.nn.Module):
             features: ``[N, d_model]``.
             labels: ``[N]`` in {0, 1} (1 = harmful); both classes must occur.
             categories: Category per row, read on harmful rows (benign rows may hold anything, e.g.
-                ``None``); required exactly when the probe has a category head.
+                ``None``); required exactly when the probe has a category head. A harmful row with
+                ``None`` (an uncategorised harmful source) trains the harmful unit but not the head.
             max_iter: L-BFGS iterations per fit.
 
         Returns:
@@ -362,7 +363,11 @@ class LinearProbe(torch.nn.Module):
     ) -> None:
         if len(categories) != standardized.shape[0]:
             raise ValueError(f"{len(categories)} categories for {standardized.shape[0]} rows")
-        harmful_rows = torch.nonzero(targets == 1).flatten().tolist()
+        # Harmful rows without a category (an uncategorised harmful source) shape the harmful/benign
+        # direction only.
+        harmful_rows = [row for row in torch.nonzero(targets == 1).flatten().tolist() if categories[row] is not None]
+        if not harmful_rows:
+            raise ValueError("the category head needs harmful rows with a category; all are None")
         unknown = sorted({str(categories[row]) for row in harmful_rows} - set(self.categories))
         if unknown:
             raise ValueError(f"unknown categories {unknown} on harmful rows; valid categories: {self.categories}")

@@ -153,6 +153,30 @@ def test_category_head_matches_sklearn_multinomial():
     assert probe.predict_category(harmful) == [names[index] for index in classes.tolist()]
 
 
+def test_uncategorised_harmful_rows_train_the_harmful_unit_but_not_the_category_head():
+    generator = torch.Generator().manual_seed(8)
+    names = ["violence", "fraud"]
+    centres = torch.randn(2, D_MODEL, generator=generator) * 2
+    classes = torch.arange(40) % 2
+    harmful = centres[classes] + torch.randn(40, D_MODEL, generator=generator)
+    extra = torch.randn(20, D_MODEL, generator=generator) + 3.0  # harmful, from a source without categories
+    benign = torch.randn(40, D_MODEL, generator=generator)
+    labels = torch.cat([torch.ones(60), torch.zeros(40)]).long()
+    categories = [names[index] for index in classes.tolist()] + [None] * 60
+    with_extra = LinearProbe(D_MODEL, categories=names).fit(torch.cat([harmful, extra, benign]), labels,
+                                                             categories=categories, progress=False)
+    head_only = LinearProbe(D_MODEL, categories=names).fit(
+        torch.cat([harmful, benign]), torch.cat([torch.ones(40), torch.zeros(40)]).long(),
+        categories=categories[:40] + [None] * 40, progress=False)
+    assert with_extra.predict_category(harmful) == head_only.predict_category(harmful) == [
+        names[index] for index in classes.tolist()]
+    assert not torch.allclose(with_extra.weight, head_only.weight)  # the extra rows moved the harmful unit
+    assert with_extra.predict(extra).float().mean() > head_only.predict(extra).float().mean()
+    with pytest.raises(ValueError, match="all are None"):
+        LinearProbe(D_MODEL, categories=names).fit(torch.cat([extra, benign]), torch.cat(
+            [torch.ones(20), torch.zeros(40)]).long(), categories=[None] * 60, progress=False)
+
+
 def test_probe_interface_used_by_the_router():
     features, labels = gaussians(50, separation=3.0, seed=6)
     probe = LinearProbe(D_MODEL).fit(features, labels, progress=False).set_threshold_logit(0.7)

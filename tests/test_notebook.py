@@ -27,12 +27,28 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
     assert 0.0 <= summary["probe"]["auc"] <= 1.0
     for condition in CONDITIONS:
         row = summary[condition]
-        # 3 held-out harmful prompts per category and 10 over-refusal prompts; the phrase judge never errs.
-        assert (row["n_harmful"], row["n_benign"], row["n_errors"]) == (15, 10, 0)
+        # 3 held-out harmful prompts per category, 3 HarmBench prompts and 10 over-refusal prompts; the
+        # phrase judge never errs.
+        assert (row["n_harmful"], row["n_benign"], row["n_errors"]) == (18, 10, 0)
         assert 0.0 <= row["refusal_rate_harmful"] <= 1.0 and 0.0 <= row["over_refusal_rate_benign"] <= 1.0
-        assert set(row["per_category"]["harmful"]) == set(summary["categories"])
+        assert set(row["per_category"]["harmful"]) == set(summary["categories"]) | {"harmbench"}
     png = (run_dir / "refusal_tradeoff.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     for condition in CONDITIONS:
         lines = (run_dir / "generations" / f"{condition}.jsonl").read_text().splitlines()
-        assert len(lines) == 25  # 15 harmful + 10 over-refusal prompts, each written once
+        assert len(lines) == 28  # 18 harmful + 10 over-refusal prompts, each written once
+
+    generalization = summary["generalization"]
+    assert list(generalization["sources"]) == ["rho_overrefusal", "harmbench"]
+    over_refusal, harmbench = generalization["sources"]["rho_overrefusal"], generalization["sources"]["harmbench"]
+    assert (over_refusal["label"], harmbench["label"]) == ("benign", "harmful")
+    # Neither source is in the refusal-token model's fine-tune (both are evaluation-only).
+    assert over_refusal["model_saw_source"] is False and harmbench["model_saw_source"] is False
+    for entry in (over_refusal, harmbench):
+        assert set(entry["probe_auc"]) == {"token", "probe_L9", "probe_L15", "multi_layer"} | {f"probe_L{summary['layer']}"}
+        assert all(0.0 <= auc["ci"][0] <= auc["auc"] <= auc["ci"][1] <= 1.0 for auc in entry["probe_auc"].values())
+        assert set(entry["conditions"]) == {"base", "probe_routed_steering"}
+    assert over_refusal["conditions"]["base"]["benign"]["n"] == 4
+    assert harmbench["conditions"]["probe_routed_steering"]["harmful"]["n"] == 4
+    assert generalization["best_router"] in generalization["router_mean_auc"]
+
