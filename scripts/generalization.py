@@ -759,3 +759,44 @@ def generalization_summary(
         "targets": targets,
     }
 
+
+def _rate_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_generalization_table(generalization: Mapping[str, Any]) -> str:
+    """The ``generalization`` block of :func:`generalization_summary` as a plain-text table.
+
+    One row per held-out source: its label, whether the refusal-token model's fine-tune saw it, the best
+    probe router's held-out AUC with its interval, the token router's AUC, the share of the source's own
+    prompts that router sends toward refusal (for a benign or mixed source: its benign prompts), and the
+    unsteered and probe-routed rates on those prompts (refusal on harmful, over-refusal on benign).
+    """
+    router = generalization["best_probe_router"]
+    lines = [
+        f"{'held-out source':20s} {'label':8s} {'model saw':>9s} {router + ' AUC':>15s} {'95% CI':>13s} "
+        f"{'token AUC':>9s} {'to refusal':>10s} {'base':>6s} {'steered':>7s}"
+    ]
+    for source, entry in generalization["sources"].items():
+        auc = entry["probe_auc"][router]
+        routing = entry["routing"].get(router, {})
+        own = "harmful" if entry["label"] == "harmful" else "benign"
+        if own == "harmful":
+            toward = routing.get("harmful_routed_harmful")
+        else:
+            kept = routing.get("benign_routed_benign")
+            toward = None if kept is None else 1.0 - kept
+        conditions = entry.get("conditions", {})
+        base = conditions.get("base", {}).get(own, {}).get("rate")
+        steered = conditions.get("probe_routed_steering", {}).get(own, {}).get("rate")
+        token = entry["probe_auc"].get(TOKEN_ROUTER, {}).get("auc")
+        interval = f"[{auc['ci'][0]:.2f}, {auc['ci'][1]:.2f}]"
+        lines.append(
+            f"{source:20s} {entry['label']:8s} {str(entry.get('model_saw_source', '?')):>9s} {auc['auc']:15.3f} "
+            f"{interval:>13s} {_rate_text(token):>9s} {_rate_text(toward):>10s} {_rate_text(base):>6s} "
+            f"{_rate_text(steered):>7s}"
+        )
+    means = ", ".join(f"{name} {value:.3f}" for name, value in generalization["router_mean_auc"].items())
+    lines.append(f"mean held-out AUC: {means}; best router: {generalization['best_router']}")
+    return "\n".join(lines)
+

@@ -69,8 +69,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """The run's headline figures from ``summary.json`` as a plain-text table.
 
     Conditions (refusal rate on harmful prompts, over-refusal rate on the benign look-alikes, counts),
-    then, when the run has a ``generalization`` block, one row per held-out source with the best probe
-    router's AUC and the unsteered and probe-routed rates on that source's own prompts.
+    then, when the run has a ``generalization`` block, its table
+    (:func:`scripts.generalization.format_generalization_table`).
     """
     probe = summary.get("probe", {})
     lines = [
@@ -88,18 +88,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                      f"{row.get('n_benign', 0):9d}")  # fmt: skip
     generalization = summary.get("generalization")
     if generalization:
-        router = generalization["best_probe_router"]
-        lines += ["", f"leave-one-source-out ({router} AUC; rates on each source's own prompts: base -> probe-routed)",
-                  f"{'held-out source':22s} {'label':8s} {'AUC':>6s} {'95% CI':>14s} {'base':>7s} {'steered':>8s}"]
-        for source, entry in generalization["sources"].items():
-            auc = entry["probe_auc"][router]
-            own = "harmful" if entry["label"] == "harmful" else "benign"
-            conditions = entry.get("conditions", {})
-            base = conditions.get("base", {}).get(own, {}).get("rate")
-            steered = conditions.get("probe_routed_steering", {}).get(own, {}).get("rate")
-            interval = f"[{auc['ci'][0]:.2f}, {auc['ci'][1]:.2f}]"
-            lines.append(f"{source:22s} {entry['label']:8s} {auc['auc']:6.3f} {interval:>14s} {_rate(base):>7s} "
-                         f"{_rate(steered):>8s}")  # fmt: skip
+        from scripts.generalization import format_generalization_table
+
+        lines += ["", "leave-one-source-out (rates on each held-out source's own prompts: base -> probe-routed)",
+                  format_generalization_table(generalization)]
     return "\n".join(lines)
 
 
