@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Self, Sequence
 
 import numpy as np
 import torch
@@ -260,7 +260,29 @@ def _fit_multinomial(
 # ---------------------------------------------------------------------------------------------------
 
 
-class LinearProbe(torch.nn.Module):
+class _Thresholded:
+    """The decision threshold shared by :class:`LinearProbe` and :class:`MultiLayerProbe`.
+
+    Both keep it as a ``threshold_logit`` buffer on their (harmful) logit scale.
+    """
+
+    threshold_logit: torch.Tensor
+
+    def set_threshold_logit(self, threshold: float) -> Self:
+        """Set the decision threshold on the logit scale (harmful when ``logit >= threshold``)."""
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        with torch.no_grad():
+            self.threshold_logit.fill_(float(threshold))
+        return self
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold as a harmful probability: ``sigmoid(threshold_logit)`` in float64."""
+        return _sigmoid(float(self.threshold_logit))
+
+
+class LinearProbe(_Thresholded, torch.nn.Module):
     """Standardisation + logistic unit (+ optional multinomial category head) on ``[..., d_model]`` activations.
 
     Attributes:
@@ -380,19 +402,6 @@ class LinearProbe(torch.nn.Module):
             self.category_weight.copy_(weight)
             self.category_bias.copy_(bias)
 
-    def set_threshold_logit(self, threshold: float) -> "LinearProbe":
-        """Set the decision threshold on the logit scale (harmful when ``logit >= threshold``)."""
-        if not np.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}")
-        with torch.no_grad():
-            self.threshold_logit.fill_(float(threshold))
-        return self
-
-    @property
-    def threshold(self) -> float:
-        """The decision threshold as a harmful probability: ``sigmoid(threshold_logit)`` in float64."""
-        return _sigmoid(float(self.threshold_logit))
-
     # -- inference -------------------------------------------------------------------------------
 
     def _check_fitted(self) -> None:
@@ -491,7 +500,7 @@ class LinearProbe(torch.nn.Module):
         return probe
 
 
-class MultiLayerProbe(torch.nn.Module):
+class MultiLayerProbe(_Thresholded, torch.nn.Module):
     """The average of the harmful logits of per-layer :class:`LinearProbe` s.
 
     Attributes:
@@ -548,19 +557,6 @@ class MultiLayerProbe(torch.nn.Module):
     def roc_auc(self, acts_by_layer: Mapping[int, ArrayLike], labels: ArrayLike) -> float:
         """ROC-AUC of the averaged logits."""
         return roc_auc(self.decision_function(acts_by_layer), labels)
-
-    def set_threshold_logit(self, threshold: float) -> "MultiLayerProbe":
-        """Set the decision threshold on the averaged-logit scale."""
-        if not np.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}")
-        with torch.no_grad():
-            self.threshold_logit.fill_(float(threshold))
-        return self
-
-    @property
-    def threshold(self) -> float:
-        """The decision threshold as a harmful probability (float64 sigmoid of ``threshold_logit``)."""
-        return _sigmoid(float(self.threshold_logit))
 
     def config(self) -> dict[str, Any]:
         """Per-layer probe configs, threshold and metadata, as a JSON-serialisable dict."""
