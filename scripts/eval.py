@@ -283,6 +283,12 @@ def run_condition(
     # Batch size only changes padding, so a run may resume with another one.
     resume_check = {"model": hooked.name, "seed": seed}
     resume_check.update({f"generation.{k}": v for k, v in settings.to_dict().items() if k != "batch_size"})
+    if records and out_path.exists() and out_path.stat().st_size:
+        # Rows made with other vectors, probe, strengths or operator must not be resumed: plan one
+        # record (one forward pass at most) to learn what this condition steers with now.
+        first = records[0].prompt
+        metadata = condition.plan(hooked, [first], format_chat(hooked.tokenizer, [first], system_prompt)).metadata
+        resume_check["condition_metadata"] = json.loads(json.dumps(dict(metadata), ensure_ascii=False))
     done = completed_ids(out_path, condition.name, resume_check)
     unknown = done - {record.id for record in records}
     if unknown:

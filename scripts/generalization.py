@@ -56,6 +56,7 @@ from scripts.steering import (
     Condition,
     Route,
     refusal_token_probabilities,
+    tensor_fingerprint,
 )
 from scripts.steering_vectors import SteeringVectors, build_steering_vectors, mean_difference
 from scripts.train_linear_probe import choose_threshold, train_multi_layer_probe
@@ -531,7 +532,8 @@ class MultiLayerProbeRouter:
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layers": self.probe.layers, "hook_kind": self.kind,
-                "probe_threshold": float(self.probe.threshold), "positive_strength": self.positive_strength,
+                "probe_threshold": float(self.probe.threshold), "probe_sha256": tensor_fingerprint(self.probe),
+                "positive_strength": self.positive_strength,
                 "negative_strength": self.negative_strength, "category_source": "token",
                 "category_set": self.category_set.name}  # fmt: skip
 

@@ -69,6 +69,26 @@ def check_positions(positions: str) -> str:
     return positions
 
 
+def tensor_fingerprint(source: torch.Tensor | nn.Module | Any) -> str | None:
+    """First 16 hex digits of the SHA-256 of a tensor's (or a module's state's) float32 values; ``None`` otherwise.
+
+    Recorded in a condition's metadata so that a resumed evaluation can tell whether the vectors, the
+    probe or the operator it would steer with are the ones its earlier rows were made with.
+    """
+    import hashlib
+
+    if isinstance(source, nn.Module):
+        tensors = [tensor for _, tensor in sorted(source.state_dict().items())]
+    elif isinstance(source, torch.Tensor):
+        tensors = [source]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def delta_hook(delta: DeltaFunction, positions: str = DEFAULT_POSITIONS) -> HookFunction:
     """A TransformerLens hook function adding ``delta(region)`` to the steered positions.
 
@@ -547,7 +567,7 @@ class ProbeRouter:
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
-                "probe_threshold": float(self.probe.threshold),
+                "probe_threshold": float(self.probe.threshold), "probe_sha256": tensor_fingerprint(self.probe),
                 "positive_strength": self.positive_strength, "negative_strength": self.negative_strength,
                 "category_source": self.category_source, "category_set": self.category_set.name}
 
@@ -692,6 +712,7 @@ def fixed_category(
         rows = table[names.index(category)].expand(len(texts), -1)
         hook = per_row_batch_hook(hooked, layer, rows, torch.full((len(texts),), float(strength)), kind, positions)
         metadata = {"steering": "fixed_category", "category": category, "strength": float(strength),
+                    "vector_sha256": tensor_fingerprint(table[names.index(category)]),
                     **_steering_metadata(hooked, layer, kind, positions)}
         return SteeringPlan(hook, [route.decision() for _ in texts], metadata)
 
@@ -726,6 +747,7 @@ def categorical(
                 strengths[index] = route.strength
         metadata = {"steering": "categorical", "router": router.metadata(),
                     "vector_norms": {n: float(v.norm()) for n, v in zip(names, table)},
+                    "vector_sha256": tensor_fingerprint(table),
                     **_steering_metadata(hooked, layer, kind, positions)}
         hook = per_row_batch_hook(hooked, layer, rows, strengths, kind, positions)
         return SteeringPlan(hook, [route.decision() for route in routes], metadata)
@@ -766,6 +788,7 @@ def low_rank_combination(
         metadata = {"steering": "low_rank_combination", "strength": float(strength),
                     "router": None if router is None else router.metadata(),
                     "operator": getattr(operator, "describe", lambda: type(operator).__name__)(),
+                    "operator_sha256": tensor_fingerprint(operator),
                     **_steering_metadata(hooked, layer, kind, positions)}
         hook = operator_batch_hook(hooked, layer, operator, strengths, kind, positions)
         return SteeringPlan(hook, [route.decision() for route in routes], metadata)

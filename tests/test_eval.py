@@ -147,7 +147,8 @@ def test_resume_after_kill_equals_uninterrupted_run(hooked, records, tmp_path):
 
     resumed_condition = KillAfter(condition, n=-1)
     resumed = read_jsonl(_run(hooked, records, resumed_condition, path))
-    assert resumed_condition.calls == 2  # the finished chunk was not planned or generated again
+    # One single-record plan checks the steering setup; the finished chunk is not planned or generated again.
+    assert resumed_condition.calls == 3
     assert resumed == reference
     assert len({row["id"] for row in resumed}) == len(records)
 
@@ -278,6 +279,22 @@ def test_resume_with_other_settings_raises(hooked, records, tmp_path):
         run_condition(hooked, records, condition, path, max_new_tokens=3, seed=1, progress=False)
     # Another batch size only changes padding: resuming with it is allowed.
     run_condition(hooked, records, condition, path, max_new_tokens=3, batch_size=2, progress=False)
+    assert [row["id"] for row in read_jsonl(path)] == [record.id for record in records]
+
+
+def test_resume_with_another_steering_setup_raises(hooked, records, tmp_path):
+    path = tmp_path / "gen.jsonl"
+    vectors = {c: _vector(hooked) for c in DONOTANSWER_CATEGORIES.categories}
+    steered = fixed_category(vectors, 2.0, DONOTANSWER_CATEGORIES.categories[0], layer=1, name="steer")
+    _run(hooked, records[:4], steered, path)
+    with pytest.raises(JSONLError, match="condition_metadata"):  # another strength
+        _run(hooked, records, fixed_category(vectors, 3.0, DONOTANSWER_CATEGORIES.categories[0], layer=1,
+                                             name="steer"), path)
+    other_vectors = {c: -v for c, v in vectors.items()}  # same norms: only the fingerprint tells them apart
+    with pytest.raises(JSONLError, match="vector_sha256"):
+        _run(hooked, records, fixed_category(other_vectors, 2.0, DONOTANSWER_CATEGORIES.categories[0], layer=1,
+                                             name="steer"), path)
+    _run(hooked, records, steered, path)  # the same setup resumes
     assert [row["id"] for row in read_jsonl(path)] == [record.id for record in records]
 
 
