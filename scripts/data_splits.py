@@ -276,9 +276,10 @@ def benign_with_lookalikes(
     prompts that touch a risk area, e.g. a BBQ question with ``discrimination_exclusion_toxicity``);
     plain benign records have category ``benign``. Each part is drawn with :func:`balanced_subsample`
     (even over source and category); a part with too few records is filled from the other. Why: with
-    plain questions only, vectors and probe learn "sounds edgy → harmful" and route the look-alikes the
-    model over-refuses toward refusal (on the offline model, a probe trained on random benign prompts
-    called 21% of the over-refusal set harmful; with half look-alikes, 9–13%).
+    plain questions only, vectors and probe learn "sounds edgy → harmful". Look-alikes of other kinds
+    are not enough on their own: on the offline model a probe with half look-alikes still called about
+    a quarter of the over-refusal set harmful; look-alikes of that kind (:func:`calibration_split`)
+    brought it to 3%.
 
     Raises:
         ValueError: ``budget`` is negative or ``lookalike_fraction`` is outside [0, 1].

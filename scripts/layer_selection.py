@@ -15,8 +15,8 @@ and a strength that only just flips benign look-alikes to ``[respond]`` leaves a
 refusing, where a larger one makes it comply (on the offline model at layer 18, steering every
 held-out Do-Not-Answer prompt away with −6 kept 97% of them refusing, with −12 92%, while −6 already
 flipped 64% of the over-refused look-alikes). Ties go to the earlier cell in sweep order (layers as
-given, strengths as given), so list smaller strengths first to prefer them. A prompt's category is its label when given, else the
-category whose refusal token the unsteered model finds most likely.
+given, strengths as given), so list smaller strengths first to prefer them. A prompt's category is its
+label when given, else the category whose refusal token the unsteered model finds most likely.
 """
 
 from __future__ import annotations
