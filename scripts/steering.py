@@ -25,6 +25,7 @@ forward pass over all prompts, without generation.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, Union
@@ -75,8 +76,6 @@ def tensor_fingerprint(source: torch.Tensor | nn.Module | Any) -> str | None:
     Recorded in a condition's metadata so that a resumed evaluation can tell whether the vectors, the
     probe or the operator it would steer with are the ones its earlier rows were made with.
     """
-    import hashlib
-
     if isinstance(source, nn.Module):
         tensors = [tensor for _, tensor in sorted(source.state_dict().items())]
     elif isinstance(source, torch.Tensor):
