@@ -520,9 +520,9 @@ OWN_PROVENANCES: tuple[str, ...] = (
     "smollm2-135m-instruct generation",
     "smollm2-135m-refusal-tokens generation",
 )
-OWN_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2", "heldout3", "heldout4")
+OWN_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2", "heldout3", "heldout4", "heldout5")
 _LATER_ROUND = re.compile(r"r(\d+)-")
-"""Id prefix of a later round of own cases (``r2-`` … ``r4-``), each written after the previous held-out split was scored."""
+"""Id prefix of a later round of own cases (``r2-`` … ``r5-``), each written after the previous held-out split was scored."""
 
 XSTEST_COMMIT = "a3bb396ddc1939c6f264f17b7cf5b7a5d82833de"
 XSTEST_RAW_BASE = f"https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/{XSTEST_COMMIT}/model_completions"
