@@ -1,22 +1,35 @@
-"""Choose the steering layer and strength with a cheap sweep: one forward pass per prompt batch, no generation.
+"""Choose the steering layer and strengths with a cheap sweep: one forward pass per prompt batch, no generation.
 
-For every cell ``(layer, strength s >= 0)`` harmful prompts are steered toward refusal (``+s`` along
-their category's vector) and benign prompts away from it (``−benign_strength_ratio · s``); harmful
-prompts are also steered away, as a router that mistakes them for benign would. All in one batched pass
-with per-row vectors; the next-token distribution at the assistant's first position is read:
+A probe-routed condition steers a prompt the router calls harmful with ``+s`` along its category's vector
+and a prompt it calls benign with ``−s'``. Both signs reach both kinds of prompt, because routers err.
+For every layer and every signed strength ``t`` in ``+positive_strengths`` and ``−negative_strengths``,
+all harmful and all benign validation prompts are steered with ``t`` in one batched pass with per-row
+vectors, and the next-token distribution at the assistant's first position is read:
 
-* ``harmful_refusal``: mean over harmful prompts steered toward refusal of ``Σ_c p(refusal token c)``;
-* ``benign_respond``: mean over benign prompts of ``p([respond])``;
-* ``misrouted_harmful_refusal``: mean over harmful prompts steered *away* of ``Σ_c p(refusal token c)``.
+* ``harmful_refusal``: mean over harmful prompts of ``Σ_c p(refusal token c)``;
+* ``benign_respond``: mean over benign prompts of ``p([respond])``.
 
-Objective (maximised): the mean of the three. The first two are the refusal-token analogue of balanced
-accuracy under perfect routing; the third prices routing errors: a probe misses some harmful prompts,
-and a strength that only just flips benign look-alikes to ``[respond]`` leaves a clearly harmful prompt
-refusing, where a larger one makes it comply (on the offline model at layer 18, steering every
-held-out Do-Not-Answer prompt away with −6 kept 97% of them refusing, with −12 92%, while −6 already
-flipped 64% of the over-refused look-alikes). Ties go to the earlier cell in sweep order (layers as
-given, strengths as given), so list smaller strengths first to prefer them. A prompt's category is its
-label when given, else the category whose refusal token the unsteered model finds most likely.
+With a router of true-positive rate ``TPR`` and false-positive rate ``FPR`` on harmful-vs-benign, the
+expected first-token outcome of the pair ``(+s, −s')`` is
+
+* ``P(refuse | harmful) = TPR · harmful_refusal(+s) + (1 − TPR) · harmful_refusal(−s')``;
+* ``P(respond | benign) = (1 − FPR) · benign_respond(−s') + FPR · benign_respond(+s)``.
+
+The objective (maximised) is their mean: the balanced accuracy of the routed pipeline at the first
+token. It splits into a part that depends only on ``+s`` and one that depends only on ``−s'``, so each
+sign's strength is chosen on its own (:func:`best_strengths`), and each layer's objective is the sum of
+its two best parts. Pricing routing errors is what keeps the strengths finite: a large ``+s`` turns the
+few benign prompts a probe mistakes for harmful into refusals, a large ``−s'`` makes the few harmful
+prompts it misses comply. The two signs are free of each other because their effects are unlike. On
+the offline model at layer 18 (measured once, to explain this design, on the demo's evaluation prompts,
+which the sweep itself never sees): −6 already flipped all but one of 15 over-refused look-alikes to
+answers, while on 40 HarmBench prompts, a source the fine-tune never saw, the refusals went from 24
+unsteered to 29 at +8, 33 at +16 and 40 at +24; with the paper's +4/−6 ratio a sweep whose harmful
+prompts all refuse already picked +4. The harmful validation prompts should therefore include such a
+source, or the sweep cannot tell the strengths apart on the positive side.
+Ties go to the earlier entry (layers as given, strengths as given): list smaller strengths first to
+prefer them. A prompt's category is its label when given, else the category whose refusal token the
+unsteered model finds most likely.
 """
 
 from __future__ import annotations
@@ -42,10 +55,9 @@ logger = logging.getLogger(__name__)
 VectorsByLayer = Mapping[int, VectorSource] | Callable[[int], VectorSource]
 """Category vectors per layer: a mapping layer → vectors, or a callable ``layer -> vectors``."""
 
-
-def objective(harmful_refusal: float, benign_respond: float, misrouted_harmful_refusal: float) -> float:
-    """``(harmful_refusal + benign_respond + misrouted_harmful_refusal) / 3`` (see the module docstring)."""
-    return (harmful_refusal + benign_respond + misrouted_harmful_refusal) / 3.0
+DEFAULT_ROUTER_TPR = 0.95
+DEFAULT_ROUTER_FPR = 0.05
+"""Router error rates assumed by default: the notebook's probe threshold targets a false-positive rate of 5%."""
 
 
 def _vectors_at(vectors: VectorsByLayer, layer: int, requested: int, category_set: CategorySet) -> torch.Tensor:
@@ -87,84 +99,133 @@ def sweep_layers(
     benign_texts: Sequence[str],
     category_set: CategorySet,
     layers: Sequence[int],
-    strengths: Sequence[float],
+    positive_strengths: Sequence[float],
+    negative_strengths: Sequence[float],
     vectors: VectorsByLayer,
     harmful_categories: Sequence[str | None] | None = None,
     benign_categories: Sequence[str | None] | None = None,
-    benign_strength_ratio: float = 1.0,
+    router_tpr: float = DEFAULT_ROUTER_TPR,
+    router_fpr: float = DEFAULT_ROUTER_FPR,
     kind: str = DEFAULT_KIND,
     positions: str = DEFAULT_POSITIONS,
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Score every ``(layer, strength)`` cell (see the module docstring).
+    """Score every ``(layer, side, strength)`` entry (see the module docstring).
 
     Args:
         harmful_texts, benign_texts: Chat-formatted inputs ending with the assistant turn's opening.
         layers: Layers to try (negative counts from the end; the table holds the resolved index).
-        strengths: Non-negative magnitudes; 0 is the unsteered model (computed once).
+        positive_strengths: Magnitudes ``s >= 0`` toward refusal (entries with ``side="positive"``,
+            ``strength = +s``).
+        negative_strengths: Magnitudes ``s' >= 0`` away from refusal (``side="negative"``,
+            ``strength = −s'``). 0 in either list is the unsteered model (computed once).
         vectors: Category vectors per layer (:data:`VectorsByLayer`), keyed by category name.
         harmful_categories, benign_categories: Optional category label per prompt (``None`` entries,
             or no list, use the unsteered model's most likely refusal token).
-        benign_strength_ratio: Benign prompts are steered with ``−ratio · s`` (the paper's +4/−6 is 1.5).
+        router_tpr, router_fpr: The router's expected true- and false-positive rates (harmful is the
+            positive class); they weigh each side's effect on the prompts it reaches.
 
     Returns:
-        One dict per cell, in sweep order: ``layer``, ``hook``, ``strength``, ``benign_strength``,
-        ``harmful_refusal``, ``harmful_respond``, ``benign_respond``, ``benign_refusal``,
-        ``misrouted_harmful_refusal``, ``objective``.
+        One dict per entry, layers in order, each layer's positive strengths then its negative ones:
+        ``layer``, ``hook``, ``side``, ``strength`` (signed), ``harmful_refusal``, ``harmful_respond``,
+        ``benign_respond``, ``benign_refusal`` (all prompts steered with ``strength``), the side's
+        weights ``weight_harmful`` / ``weight_benign`` (``TPR`` / ``FPR`` on the positive side,
+        ``1−TPR`` / ``1−FPR`` on the negative side), and ``contribution``, this entry's part of the
+        objective: ``(weight_harmful·harmful_refusal + weight_benign·benign_respond) / 2``.
+        :func:`best_strengths` makes the choice.
     """
     from tqdm.auto import tqdm
 
     if not harmful_texts or not benign_texts:
         raise ValueError("the sweep needs harmful and benign texts")
-    if any(s < 0 for s in strengths) or not strengths:
-        raise ValueError(f"strengths must be non-negative magnitudes, got {list(strengths)}")
-    if benign_strength_ratio < 0:
-        raise ValueError(f"benign_strength_ratio must be >= 0, got {benign_strength_ratio}")
+    for what, magnitudes in (("positive_strengths", positive_strengths), ("negative_strengths", negative_strengths)):
+        if not magnitudes or any(s < 0 for s in magnitudes):
+            raise ValueError(f"{what} must be non-empty, non-negative magnitudes, got {list(magnitudes)}")
+    for what, rate in (("router_tpr", router_tpr), ("router_fpr", router_fpr)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{what} must lie in [0, 1], got {rate}")
     check_positions(positions)
     resolved = [validate_layer(layer, hooked.n_layers) for layer in layers]
-    n_harmful, n_benign = len(harmful_texts), len(benign_texts)
-    unsteered = refusal_token_probabilities(hooked, list(harmful_texts) + list(benign_texts), category_set,
-                                            batch_size=batch_size)  # fmt: skip
+    n_harmful = len(harmful_texts)
+    texts = list(harmful_texts) + list(benign_texts)
+    unsteered = refusal_token_probabilities(hooked, texts, category_set, batch_size=batch_size)
     most_likely = unsteered[:, :-1].argmax(dim=-1)
-    harmful_rows = _row_categories(harmful_categories, n_harmful, most_likely[:n_harmful], category_set, "harmful")
-    benign_rows = _row_categories(benign_categories, n_benign, most_likely[n_harmful:], category_set, "benign")
-    # Rows: harmful toward refusal, benign away, harmful away (misrouted).
-    texts = list(harmful_texts) + list(benign_texts) + list(harmful_texts)
-    categories = harmful_rows + benign_rows + harmful_rows
-    direction = torch.tensor([1.0] * n_harmful + [-benign_strength_ratio] * (n_benign + n_harmful))
-    unsteered = torch.cat([unsteered, unsteered[:n_harmful]])
+    categories = _row_categories(harmful_categories, n_harmful, most_likely[:n_harmful], category_set, "harmful")
+    categories += _row_categories(benign_categories, len(benign_texts), most_likely[n_harmful:], category_set, "benign")
+    weights = {"positive": (router_tpr, router_fpr), "negative": (1.0 - router_tpr, 1.0 - router_fpr)}
+    sides = [("positive", float(s)) for s in positive_strengths] + [("negative", -float(s)) for s in negative_strengths]
+    entries = [(layer, requested, side, strength) for layer, requested in zip(resolved, layers) for side, strength in sides]
     table = []
-    cells = [(layer, requested, float(s)) for layer, requested in zip(resolved, layers) for s in strengths]
-    for layer, requested, strength in tqdm(cells, desc="layer sweep", disable=not progress):
+    for layer, requested, side, strength in tqdm(entries, desc="layer sweep", disable=not progress):
         if strength == 0:
             probabilities = unsteered
         else:
             rows = _vectors_at(vectors, layer, requested, category_set)[categories]
-            hook = per_row_batch_hook(hooked, layer, rows, strength * direction, kind, positions)
+            hook = per_row_batch_hook(hooked, layer, rows, torch.full((len(texts),), strength), kind, positions)
             probabilities = refusal_token_probabilities(hooked, texts, category_set, hook, batch_size=batch_size)
-        harmful, benign = probabilities[:n_harmful], probabilities[n_harmful : n_harmful + n_benign]
-        misrouted = probabilities[n_harmful + n_benign :]
-        cell = {
+        harmful, benign = probabilities[:n_harmful], probabilities[n_harmful:]
+        entry = {
             "layer": layer,
             "hook": hooked.hook_name(layer, kind),
+            "side": side,
             "strength": strength,
-            "benign_strength": -benign_strength_ratio * strength,
             "harmful_refusal": float(harmful[:, :-1].sum(dim=-1).mean()),
             "harmful_respond": float(harmful[:, -1].mean()),
             "benign_respond": float(benign[:, -1].mean()),
             "benign_refusal": float(benign[:, :-1].sum(dim=-1).mean()),
-            "misrouted_harmful_refusal": float(misrouted[:, :-1].sum(dim=-1).mean()),
         }
-        cell["objective"] = objective(cell["harmful_refusal"], cell["benign_respond"], cell["misrouted_harmful_refusal"])
-        table.append(cell)
-    best = best_cell(table)
-    logger.info("best cell: layer %d, strength %g (objective %.4f)", best["layer"], best["strength"], best["objective"])
+        entry["weight_harmful"], entry["weight_benign"] = weights[side]
+        entry["contribution"] = 0.5 * (entry["weight_harmful"] * entry["harmful_refusal"]
+                                       + entry["weight_benign"] * entry["benign_respond"])
+        table.append(entry)
+    best = best_strengths(table)
+    logger.info("best: layer %d, strengths %+g / %+g (objective %.4f)", best["layer"], best["positive_strength"],
+                best["negative_strength"], best["objective"])
     return table
 
 
-def best_cell(table: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The cell with the highest ``objective`` (the first one on ties)."""
+def best_strengths(table: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The layer and the pair of strengths with the highest objective (see the module docstring).
+
+    Each layer's objective is its best positive entry's ``contribution`` plus its best negative entry's;
+    within a side and across layers the first entry wins ties.
+
+    Returns:
+        ``layer``, ``hook``, ``positive_strength`` (>= 0), ``negative_strength`` (<= 0), ``objective``,
+        and the expected first-token rates of the routed pipeline, ``harmful_refusal`` (``P(refuse |
+        harmful)``) and ``benign_respond`` (``P(respond | benign)``), which the objective averages.
+
+    Raises:
+        ValueError: an empty table, or a layer lacking entries of one side.
+    """
     if not table:
         raise ValueError("empty sweep table")
-    return dict(max(table, key=lambda cell: cell["objective"]))
+    per_layer: dict[int, dict[str, Mapping[str, Any]]] = {}
+    for entry in table:
+        best_of_side = per_layer.setdefault(entry["layer"], {})
+        side = entry["side"]
+        if side not in best_of_side or entry["contribution"] > best_of_side[side]["contribution"]:
+            best_of_side[side] = entry
+    choices = []
+    for layer, best_of_side in per_layer.items():
+        missing = {"positive", "negative"} - set(best_of_side)
+        if missing:
+            raise ValueError(f"layer {layer} has no {sorted(missing)} entries")
+        positive, negative = best_of_side["positive"], best_of_side["negative"]
+        choices.append({
+            "layer": layer,
+            "hook": positive["hook"],
+            "positive_strength": positive["strength"],
+            "negative_strength": negative["strength"],
+            "objective": positive["contribution"] + negative["contribution"],
+            "harmful_refusal": _expected(positive, negative, "harmful_refusal"),
+            "benign_respond": _expected(positive, negative, "benign_respond"),
+        })
+    return max(choices, key=lambda choice: choice["objective"])
+
+
+def _expected(positive: Mapping[str, Any], negative: Mapping[str, Any], key: str) -> float:
+    """``P(refuse | harmful)`` (``key="harmful_refusal"``) or ``P(respond | benign)`` of the routed pipeline."""
+    weight = "weight_harmful" if key.startswith("harmful") else "weight_benign"
+    return positive[weight] * positive[key] + negative[weight] * negative[key]

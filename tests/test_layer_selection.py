@@ -1,4 +1,4 @@
-"""The layer × strength sweep against a brute-force reference (each prompt steered alone)."""
+"""The layer × strength sweep against a brute-force reference (each prompt steered alone, every pair of strengths tried)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from scripts import steering
-from scripts.layer_selection import best_cell, objective, sweep_layers
+import itertools
+
+from scripts.layer_selection import best_strengths, sweep_layers
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES as CATEGORIES
 from tests.tiny_steering import PROMPTS, build_hooked_tiny, tiny_texts
 
 HARMFUL = (PROMPTS[1], PROMPTS[3])
 BENIGN = (PROMPTS[0], PROMPTS[2], PROMPTS[4])
 LAYERS = [0, 2, -1]
-STRENGTHS = [0.0, 0.05, 0.3]
+POSITIVE = [0.0, 0.05, 0.3]
+NEGATIVE = [0.1, 0.45]
+TPR, FPR = 0.9, 0.2
 
 
 @pytest.fixture(scope="module")
@@ -41,70 +45,100 @@ def _single_probabilities(hooked, text: str) -> torch.Tensor:
         return torch.softmax(hooked.model(**encoded).logits[0, -1], dim=-1)[ids]
 
 
-def test_sweep_returns_every_cell_and_matches_the_brute_force_reference(hooked):
+def test_sweep_returns_every_entry_and_matches_the_brute_force_reference(hooked):
     harmful, benign = tiny_texts(hooked, HARMFUL), tiny_texts(hooked, BENIGN)
     vectors = {layer: _vectors(hooked, layer) for layer in (0, 2, hooked.n_layers - 1)}
     harmful_labels = [CATEGORIES.categories[3], None]
-    table = sweep_layers(hooked, harmful, benign, CATEGORIES, LAYERS, STRENGTHS, vectors,
-                         harmful_categories=harmful_labels, benign_strength_ratio=1.5, batch_size=2, progress=False)
-    assert [(c["layer"], c["strength"]) for c in table] == [(l, s) for l in (0, 2, 3) for s in STRENGTHS]
+    table = sweep_layers(hooked, harmful, benign, CATEGORIES, LAYERS, POSITIVE, NEGATIVE, vectors,
+                         harmful_categories=harmful_labels, router_tpr=TPR, router_fpr=FPR, batch_size=2,
+                         progress=False)
+    signed = [("positive", s) for s in POSITIVE] + [("negative", -s) for s in NEGATIVE]
+    assert [(e["layer"], e["side"], e["strength"]) for e in table] == [(l, *x) for l in (0, 2, 3) for x in signed]
 
     unsteered = torch.stack([_single_probabilities(hooked, t) for t in harmful + benign])
     guessed = [CATEGORIES.categories[int(i)] for i in unsteered[:, :-1].argmax(dim=-1)]
     categories = [harmful_labels[0], guessed[1]] + guessed[2:]
-    reference = []
+    reference = {}
     for layer in (0, 2, 3):
-        for strength in STRENGTHS:
-            rows, misrouted_rows = [], []
+        for _, strength in signed:
+            rows = []
             for index, text in enumerate(harmful + benign):
-                signed = strength if index < len(harmful) else -1.5 * strength
-                with steering.steer(hooked, layer, vectors[layer][categories[index]], signed):
+                with steering.steer(hooked, layer, vectors[layer][categories[index]], strength):
                     rows.append(_single_probabilities(hooked, text))
-                if index < len(harmful):
-                    with steering.steer(hooked, layer, vectors[layer][categories[index]], -1.5 * strength):
-                        misrouted_rows.append(_single_probabilities(hooked, text))
             probabilities = torch.stack(rows)
-            harmful_refusal = float(probabilities[: len(harmful), :-1].sum(dim=-1).mean())
-            benign_respond = float(probabilities[len(harmful) :, -1].mean())
-            misrouted = float(torch.stack(misrouted_rows)[:, :-1].sum(dim=-1).mean())
-            reference.append((harmful_refusal, benign_respond, misrouted,
-                              objective(harmful_refusal, benign_respond, misrouted)))
-    for cell, (harmful_refusal, benign_respond, misrouted, value) in zip(table, reference):
-        assert cell["harmful_refusal"] == pytest.approx(harmful_refusal, abs=1e-5)
-        assert cell["benign_respond"] == pytest.approx(benign_respond, abs=1e-6)
-        assert cell["misrouted_harmful_refusal"] == pytest.approx(misrouted, abs=1e-5)
-        assert cell["objective"] == pytest.approx(value, abs=1e-5)
-    best = best_cell(table)
-    index = max(range(len(reference)), key=lambda i: reference[i][2])
-    assert (best["layer"], best["strength"]) == (table[index]["layer"], table[index]["strength"])
-    assert best["objective"] == max(c["objective"] for c in table)
-    assert len({round(c["objective"], 4) for c in table}) > 3  # the cells really differ
+            reference[layer, strength] = (float(probabilities[: len(harmful), :-1].sum(dim=-1).mean()),
+                                          float(probabilities[len(harmful) :, -1].mean()))
+    for entry in table:
+        harmful_refusal, benign_respond = reference[entry["layer"], entry["strength"]]
+        assert entry["harmful_refusal"] == pytest.approx(harmful_refusal, abs=1e-5)
+        assert entry["benign_respond"] == pytest.approx(benign_respond, abs=1e-6)
+
+    # Every (layer, +s, −s') triple, scored as the routed pipeline's expected balanced accuracy.
+    def routed(layer: int, positive: float, negative: float) -> tuple[float, float, float]:
+        (h_pos, b_pos), (h_neg, b_neg) = reference[layer, positive], reference[layer, negative]
+        refuse = TPR * h_pos + (1 - TPR) * h_neg
+        respond = (1 - FPR) * b_neg + FPR * b_pos
+        return (refuse + respond) / 2, refuse, respond
+
+    triples = list(itertools.product((0, 2, 3), POSITIVE, [-s for s in NEGATIVE]))
+    scores = {triple: routed(*triple) for triple in triples}
+    best_triple = max(triples, key=lambda triple: scores[triple][0])
+    best = best_strengths(table)
+    assert (best["layer"], best["positive_strength"], best["negative_strength"]) == best_triple
+    assert best["objective"] == pytest.approx(scores[best_triple][0], abs=1e-5)
+    assert best["harmful_refusal"] == pytest.approx(scores[best_triple][1], abs=1e-5)
+    assert best["benign_respond"] == pytest.approx(scores[best_triple][2], abs=1e-5)
+    assert len({round(value[0], 4) for value in scores.values()}) > 5  # the triples really differ
 
 
 def test_vectors_from_a_callable_and_clear_errors(hooked):
     harmful, benign = tiny_texts(hooked, HARMFUL), tiny_texts(hooked, BENIGN)
-    from_callable = sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], lambda layer: _vectors(hooked, layer),
+    from_callable = sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], [0.2], lambda layer: _vectors(hooked, layer),
                                  progress=False)
-    from_mapping = sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], {1: _vectors(hooked, 1)},
+    from_mapping = sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], [0.2], {1: _vectors(hooked, 1)},
                                 progress=False)
     assert from_callable == from_mapping
     with pytest.raises(KeyError, match="layers with vectors"):
-        sweep_layers(hooked, harmful, benign, CATEGORIES, [2], [0.1], {1: _vectors(hooked, 1)}, progress=False)
+        sweep_layers(hooked, harmful, benign, CATEGORIES, [2], [0.1], [0.2], {1: _vectors(hooked, 1)}, progress=False)
     with pytest.raises(KeyError, match="expected"):
-        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], {1: {"x": torch.zeros(hooked.d_model)}},
+        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], [0.2], {1: {"x": torch.zeros(hooked.d_model)}},
                      progress=False)
     with pytest.raises(ValueError, match="non-negative"):
-        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [-1.0], {1: _vectors(hooked, 1)}, progress=False)
+        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [-1.0], [0.2], {1: _vectors(hooked, 1)}, progress=False)
+    with pytest.raises(ValueError, match="negative_strengths"):
+        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [1.0], [], {1: _vectors(hooked, 1)}, progress=False)
+    with pytest.raises(ValueError, match="router_fpr"):
+        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [1.0], [1.0], {1: _vectors(hooked, 1)},
+                     router_fpr=1.5, progress=False)
     with pytest.raises(KeyError, match="valid categories"):
-        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], {1: _vectors(hooked, 1)},
+        sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], [0.2], {1: _vectors(hooked, 1)},
                      harmful_categories=["nope", None], progress=False)
     with pytest.raises(ValueError, match="out of range"):
-        sweep_layers(hooked, harmful, benign, CATEGORIES, [7], [0.1], {7: _vectors(hooked, 1)}, progress=False)
+        sweep_layers(hooked, harmful, benign, CATEGORIES, [7], [0.1], [0.2], {7: _vectors(hooked, 1)}, progress=False)
 
 
-def test_best_cell_prefers_the_first_of_equal_cells():
-    table = [{"objective": 0.5, "strength": 1.0}, {"objective": 0.7, "strength": 2.0},
-             {"objective": 0.7, "strength": 3.0}]
-    assert best_cell(table)["strength"] == 2.0
-    with pytest.raises(ValueError):
-        best_cell([])
+def _entry(layer: int, side: str, strength: float, harmful_refusal: float, benign_respond: float) -> dict:
+    weights = {"positive": (TPR, FPR), "negative": (1 - TPR, 1 - FPR)}[side]
+    return {"layer": layer, "hook": f"blocks.{layer}.hook_resid_post", "side": side, "strength": strength,
+            "harmful_refusal": harmful_refusal, "benign_respond": benign_respond, "weight_harmful": weights[0],
+            "weight_benign": weights[1],
+            "contribution": (weights[0] * harmful_refusal + weights[1] * benign_respond) / 2}
+
+
+def test_best_strengths_chooses_each_side_alone_and_prefers_the_first_of_equals():
+    table = [_entry(1, "positive", 4.0, 0.8, 0.5), _entry(1, "positive", 8.0, 0.9, 0.4),
+             _entry(1, "negative", -3.0, 0.7, 0.9), _entry(1, "negative", -6.0, 0.6, 0.9),
+             _entry(2, "positive", 4.0, 0.8, 0.5), _entry(2, "negative", -3.0, 0.7, 0.9)]
+    best = best_strengths(table)
+    # +8 gains 0.1·TPR on harmful and loses 0.1·FPR on benign; −3 and −6 tie on benign, −3 refuses more harmful.
+    assert (best["layer"], best["positive_strength"], best["negative_strength"]) == (1, 8.0, -3.0)
+    assert best["harmful_refusal"] == pytest.approx(TPR * 0.9 + (1 - TPR) * 0.7)
+    assert best["benign_respond"] == pytest.approx(FPR * 0.4 + (1 - FPR) * 0.9)
+    assert best["objective"] == pytest.approx((best["harmful_refusal"] + best["benign_respond"]) / 2)
+    tie = [_entry(3, "positive", 1.0, 0.5, 0.5), _entry(3, "negative", -1.0, 0.5, 0.5),
+           _entry(4, "positive", 1.0, 0.5, 0.5), _entry(4, "negative", -1.0, 0.5, 0.5)]
+    assert best_strengths(tie)["layer"] == 3
+    with pytest.raises(ValueError, match="empty"):
+        best_strengths([])
+    with pytest.raises(ValueError, match="negative"):
+        best_strengths([_entry(1, "positive", 4.0, 0.8, 0.5)])
