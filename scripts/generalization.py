@@ -48,7 +48,7 @@ from scripts.judge import Judge, load_result_rows, run_judge
 from scripts.linear_probe import ArrayLike, LinearProbe, MultiLayerProbe, rates_at_threshold, roc_auc
 from scripts.records import PromptRecord
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, CategorySet
-from scripts.report import metric_name, rate_summary
+from scripts.report import format_rate, metric_name, rate_summary
 from scripts.steering import (
     DEFAULT_KIND,
     PAPER_NEGATIVE_STRENGTH,
@@ -762,10 +762,6 @@ def generalization_summary(
     }
 
 
-def _rate_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def format_generalization_table(generalization: Mapping[str, Any]) -> str:
     """The ``generalization`` block of :func:`generalization_summary` as a plain-text table.
 
@@ -795,8 +791,8 @@ def format_generalization_table(generalization: Mapping[str, Any]) -> str:
         interval = f"[{auc['ci'][0]:.2f}, {auc['ci'][1]:.2f}]"
         lines.append(
             f"{source:20s} {entry['label']:8s} {str(entry.get('model_saw_source', '?')):>9s} {auc['auc']:15.3f} "
-            f"{interval:>13s} {_rate_text(token):>9s} {_rate_text(toward):>10s} {_rate_text(base):>6s} "
-            f"{_rate_text(steered):>7s}"
+            f"{interval:>13s} {format_rate(token):>9s} {format_rate(toward):>10s} {format_rate(base):>6s} "
+            f"{format_rate(steered):>7s}"
         )
     means = ", ".join(f"{name} {value:.3f}" for name, value in generalization["router_mean_auc"].items())
     lines.append(f"mean held-out AUC: {means}; best router: {generalization['best_router']}")

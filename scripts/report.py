@@ -216,6 +216,11 @@ def summarise_verdicts(rows: Iterable[Mapping[str, Any]], z: float = 1.96) -> di
     return {"confidence": confidence, "judges": judges, "agreement": agreement}
 
 
+def format_rate(value: float | None) -> str:
+    """A rate as ``0.820``, or ``-`` where there is none (no rows, or all verdicts errors)."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _format_rate(group: Mapping[str, Any]) -> str:
     if group["rate"] is None:
         return "n/a"

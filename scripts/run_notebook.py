@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from scripts.report import format_rate
+
 logger = logging.getLogger(__name__)
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "refusal_tokens.ipynb"
@@ -61,10 +63,6 @@ CONDITION_ORDER: tuple[str, ...] = (
 )
 
 
-def _rate(value: float | None) -> str:
-    return "   -  " if value is None else f"{value:6.3f}"
-
-
 def format_summary(summary: Mapping[str, Any]) -> str:
     """The run's headline figures from ``summary.json`` as a plain-text table.
 
@@ -83,8 +81,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     names += [name for name in summary.get("conditions", []) if name not in names]
     for name in names:
         row = summary[name]
-        lines.append(f"{name:24s} {_rate(row.get('refusal_rate_harmful')):>18s} "
-                     f"{_rate(row.get('over_refusal_rate_benign')):>22s} {row.get('n_harmful', 0):10d} "
+        lines.append(f"{name:24s} {format_rate(row.get('refusal_rate_harmful')):>18s} "
+                     f"{format_rate(row.get('over_refusal_rate_benign')):>22s} {row.get('n_harmful', 0):10d} "
                      f"{row.get('n_benign', 0):9d}")  # fmt: skip
     generalization = summary.get("generalization")
     if generalization:

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import cohen_kappa_score
 
-from scripts.report import cohen_kappa, format_table, rate_summary, summarise_verdicts, wilson_interval
+from scripts.report import cohen_kappa, format_rate, format_table, rate_summary, summarise_verdicts, wilson_interval
 
 
 def _wilson_by_inversion(k: int, n: int, z: float) -> tuple[float, float]:
@@ -170,3 +170,7 @@ def test_agreement_keeps_items_apart_that_share_an_id() -> None:
             )
     (pair,) = summarise_verdicts(rows)["agreement"]
     assert pair["n"] == 2 and pair["agreement"] == 0.5
+
+
+def test_format_rate_rounds_to_three_places_and_marks_missing_rates() -> None:
+    assert [format_rate(value) for value in (0.82, 2 / 3, 0.0, 1.0, None)] == ["0.820", "0.667", "0.000", "1.000", "-"]
