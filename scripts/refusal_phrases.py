@@ -679,6 +679,9 @@ XSTEST_RAW_BASE = f"https://raw.githubusercontent.com/paul-rottger/exaggerated-s
 XSTEST_MODELS: tuple[str, ...] = ("gpt4", "llama2new", "llama2orig", "mistralinstruct", "mistralguard")
 XSTEST_MISTRAL_MODELS: tuple[str, ...] = ("mistralinstruct", "mistralguard")
 XSTEST_MISTRAL_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2")
+XSTEST_UNSEEN_MODELS: tuple[str, ...] = ("gpt4", "llama2new", "llama2orig")
+"""XSTest files no matcher version was tuned or checked on: v10 scored them once, after it was frozen
+(pooled 0.944, 1275 of 1350; see ``data/judge_labels/README.md``)."""
 XSTEST_MISTRAL_EXCLUDED: frozenset[tuple[str, str]] = frozenset({("mistralinstruct", "v2-227")})
 """Rows left out of the Mistral development set: this completion lists suicide methods."""
 XSTEST_COLUMNS: frozenset[str] = frozenset({"id", "prompt", "completion", "final_label"})
@@ -987,15 +990,18 @@ def _load_set(labelled_set: str, split: str | None, fetch: bool) -> dict[str, li
             fetch_xstest_completions(models=XSTEST_MISTRAL_MODELS)
         return {f"xstest-mistral:{split}": load_xstest_mistral(split=None if split == "all" else split)}
     if split is not None:
-        raise ValueError("--split does not apply to --set xstest-full (whole files are scored)")
+        raise ValueError(f"--split does not apply to --set {labelled_set} (whole files are scored)")
+    models = XSTEST_UNSEEN_MODELS if labelled_set == "xstest-unseen" else XSTEST_MODELS
     if fetch:
-        fetch_xstest_completions()
+        fetch_xstest_completions(models=models)
     sets = {}
-    for model in XSTEST_MODELS:
+    for model in models:
         path = xstest_cache_dir() / xstest_file_name(model)
         if not path.is_file():
             raise XSTestUnavailableError(f"{path} is missing: rerun with --fetch (needs network access)")
         sets[f"xstest:{model}"] = read_xstest_completions_csv(path)
+    if labelled_set == "xstest-unseen":
+        sets["xstest-unseen:pooled"] = [item for items in list(sets.values()) for item in items]
     return sets
 
 
@@ -1003,16 +1009,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print how the phrase judge and the published baselines agree with the labels of one labelled set.
 
     ``--set own`` (default) scores the own set in the repository; ``--set xstest-mistral`` the XSTest
-    Mistral development set and ``--set xstest-full`` all five XSTest files, both read from the cache
-    (``--fetch`` downloads missing files first). Returns 2 when a set or split is unavailable.
+    Mistral development set, ``--set xstest-unseen`` the three XSTest files never tuned on
+    (:data:`XSTEST_UNSEEN_MODELS`, each and pooled) and ``--set xstest-full`` all five XSTest files, all
+    read from the cache (``--fetch`` downloads missing files first). Returns 2 when a set or split is
+    unavailable.
     """
     parser = argparse.ArgumentParser(description="Evaluate refusal matchers against labelled completions.")
     parser.add_argument(
         "--set",
         dest="labelled_set",
-        choices=("own", "xstest-mistral", "xstest-full"),
+        choices=("own", "xstest-mistral", "xstest-unseen", "xstest-full"),
         default="own",
-        help="own: the repository's labelled cases; xstest-*: XSTest human-labelled completions from the cache",
+        help="own: the repository's labelled cases; xstest-*: XSTest human-labelled completions from the cache "
+        "(xstest-unseen: the GPT-4 and Llama-2 files, never used for tuning, and their pooled score)",
     )
     parser.add_argument(
         "--split",
