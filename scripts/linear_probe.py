@@ -19,7 +19,8 @@ buffer, and exposed as the probability ``sigmoid(threshold_logit)`` computed in 
 The optional category head is a multinomial logistic regression over harmful categories, fitted on
 the harmful rows only, so a router can pick which category's vector to apply.
 
-:class:`MultiLayerProbe` averages the logits of per-layer probes.
+:class:`MultiLayerProbe` averages the logits of per-layer probes. :class:`ProbeTokenEnsemble` averages a
+probe's logit with the model's own refusal-token score, each standardised on the probe's training rows.
 """
 
 from __future__ import annotations
@@ -582,6 +583,136 @@ class MultiLayerProbe(_Thresholded, torch.nn.Module):
         for sub in probe.probes.values():
             sub.fitted = True
         return probe
+
+
+class ProbeTokenEnsemble(torch.nn.Module):
+    """A probe's harmful logit and the model's own refusal-token score, each standardised, averaged.
+
+    ``score = ½·((probe_logit − μ_probe) / σ_probe + (token_score − μ_token) / σ_token)``, where the
+    token score is the log-odds of a refusal token over ``[respond]`` at the assistant's first position
+    (:func:`scripts.steering.token_router_scores`) and μ, σ come from the probe's training rows
+    (:meth:`fit`). The two scores fail on different prompt sources (the probe on look-alikes phrased
+    unlike its benign data, the token on harmful prompts unlike the fine-tune's), so their mean ranks new
+    sources better than either; equal weights, because weights tuned on validation data would favour
+    whichever score fits the sources already seen.
+
+    Attributes:
+        probe: The :class:`LinearProbe` whose logit is one half (its own threshold is not used).
+        metadata: Free-form JSON-serialisable fields saved with the ensemble.
+
+    Buffers (float64 scalars): ``probe_mean``, ``probe_std``, ``token_mean``, ``token_std`` and
+    ``threshold`` (harmful when ``score >= threshold``, on the score's own scale).
+    """
+
+    def __init__(self, probe: LinearProbe, metadata: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.probe = probe
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        for name, value in (("probe_mean", 0.0), ("probe_std", 1.0), ("token_mean", 0.0), ("token_std", 1.0),
+                            ("threshold", 0.0)):  # fmt: skip
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64))
+        self.fitted = False
+
+    @property
+    def layer(self) -> int | None:
+        """The probe's layer."""
+        return self.probe.layer
+
+    @property
+    def hook_kind(self) -> str | None:
+        """The probe's hook kind."""
+        return self.probe.hook_kind
+
+    @property
+    def categories(self) -> list[str]:
+        """The probe's category-head names (empty without a head)."""
+        return self.probe.categories
+
+    def predict_category_proba(self, features: ArrayLike) -> torch.Tensor:
+        """The probe's category-head probabilities ``[N, C]``."""
+        return self.probe.predict_category_proba(features)
+
+    def _inputs(self, features: ArrayLike, token_scores: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.probe.decision_function(features).double()
+        tokens = torch.as_tensor(token_scores).detach().cpu().double()
+        if tokens.shape != logits.shape:
+            raise ValueError(f"token_scores must be [N] with N={logits.shape[0]}, got shape {tuple(tokens.shape)}")
+        if not torch.isfinite(tokens).all():
+            raise ValueError("token_scores contain NaN or infinite values")
+        return logits, tokens
+
+    def fit(self, features: ArrayLike, token_scores: ArrayLike) -> Self:
+        """Standardisation of both scores from the probe's training rows.
+
+        Args:
+            features: ``[N, d_model]`` activations the probe was trained on.
+            token_scores: ``[N]`` the model's refusal-token scores of the same rows.
+
+        Returns:
+            ``self``; the threshold is left at 0 (see :meth:`set_threshold`).
+        """
+        logits, tokens = self._inputs(features, token_scores)
+        if logits.shape[0] < 2:
+            raise ValueError("fit needs at least two rows")
+        with torch.no_grad():
+            for name, values in (("probe", logits), ("token", tokens)):
+                getattr(self, f"{name}_mean").fill_(float(values.mean()))
+                getattr(self, f"{name}_std").fill_(max(float(values.std(unbiased=False)), _MIN_STD))
+        self.fitted = True
+        return self
+
+    def set_threshold(self, threshold: float) -> Self:
+        """Set the decision threshold on the ensemble score's scale."""
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        with torch.no_grad():
+            self.threshold.fill_(float(threshold))
+        return self
+
+    def decision_function(self, features: ArrayLike, token_scores: ArrayLike) -> torch.Tensor:
+        """Ensemble scores ``[N]`` (float64, CPU) of ``[N, d_model]`` activations and ``[N]`` token scores."""
+        if not self.fitted:
+            raise RuntimeError("this ensemble is not fitted yet; call fit() or load()")
+        logits, tokens = self._inputs(features, token_scores)
+        probe_z = (logits - self.probe_mean) / self.probe_std
+        token_z = (tokens - self.token_mean) / self.token_std
+        return (probe_z + token_z) / 2
+
+    def predict(self, features: ArrayLike, token_scores: ArrayLike) -> torch.Tensor:
+        """``[N]`` long: 1 where the ensemble score reaches :attr:`threshold`."""
+        return (self.decision_function(features, token_scores) >= float(self.threshold)).long()
+
+    def roc_auc(self, features: ArrayLike, token_scores: ArrayLike, labels: ArrayLike) -> float:
+        """ROC-AUC of the ensemble scores."""
+        return roc_auc(self.decision_function(features, token_scores), labels)
+
+    def config(self) -> dict[str, Any]:
+        """The probe's config, the standardisation, threshold and metadata, as a JSON-serialisable dict."""
+        return {
+            "format": FORMAT_VERSION,
+            "kind": "probe_token_ensemble",
+            "probe": self.probe.config(),
+            **{name: float(getattr(self, name)) for name in ("probe_mean", "probe_std", "token_mean", "token_std")},
+            "threshold": float(self.threshold),
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the probe's buffers, the ensemble's and :meth:`config` to one safetensors file."""
+        if not self.fitted:
+            raise RuntimeError("this ensemble is not fitted yet; call fit() before save()")
+        return _save_module(self, self.config(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "ProbeTokenEnsemble":
+        """Read an ensemble written by :meth:`save`."""
+        config, tensors = _read_module(path, "probe_token_ensemble")
+        probe = LinearProbe.from_config(config["probe"])
+        ensemble = cls(probe, metadata=config["metadata"])
+        ensemble.load_state_dict(tensors, strict=True)
+        probe.fitted = True
+        ensemble.fitted = True
+        return ensemble
 
 
 def _sigmoid(value: float) -> float:

@@ -73,7 +73,8 @@ class RunConfig:
         """The path of one artifact of this run; parents are created.
 
         Args:
-            kind: One of ``config``, ``activations``, ``vectors``, ``probe``, ``low_rank``,
+            kind: One of ``config``, ``activations``, ``vectors``, ``probe``, ``router`` (the probe+token
+                ensemble, when the run routes with it), ``low_rank``,
                 ``generations``, ``judge``, ``report``, ``summary``, ``figure``, ``notebook``, ``generalization``
                 (the directory of the leave-one-source-out generations).
             name: Sub-name where a kind has several (activation set, condition, judge, figure).
@@ -87,6 +88,7 @@ class RunConfig:
             "activations": ("activations/{name}.safetensors", True),
             "vectors": ("vectors.safetensors", False),
             "probe": ("probe.safetensors", False),
+            "router": ("router.safetensors", False),
             "low_rank": ("low_rank/{name}", True),
             "generations": ("generations/{name}.jsonl", True),
             "judge": ("judge/{name}", True),

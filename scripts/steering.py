@@ -18,8 +18,9 @@ Conditions. A :class:`Condition` has a ``name`` and ``plan(hooked, prompts, text
 Factories: :func:`baseline`, :func:`fixed_category`, :func:`categorical` (per-row category and strength
 from a router) and :func:`low_rank_combination` (a learned operator ``delta = f(z)``). Routers:
 :func:`token_router` (the model's own first refusal token, the paper's "fixed" steering) and
-:func:`probe_router` (a harmful-vs-benign probe, the paper's probe steering). Routing needs one batched
-forward pass over all prompts, without generation.
+:func:`probe_router` (a harmful-vs-benign probe, the paper's probe steering) and :func:`probe_token_router`
+(a probe averaged with the model's own refusal-token score, which ranks prompt sources neither was tuned
+on better than either). Routing needs one batched forward pass over all prompts, without generation.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ PAPER_POSITIVE_STRENGTH = 4.0
 PAPER_NEGATIVE_STRENGTH = -6.0
 CATEGORY_SOURCES: tuple[str, ...] = ("token", "probe_head")
 RESPOND = "respond"
+_MIN_PROBABILITY = 1e-45
 
 VectorSource = Union[Mapping[str, torch.Tensor], "SteeringVectors"]
 """Category → ``[d_model]`` steering vector, as a plain mapping or a saved ``SteeringVectors``."""
@@ -371,6 +373,26 @@ def refusal_token_ids(tokenizer, category_set: CategorySet) -> list[int]:
     return [by_category[category] for category in category_set.categories] + [category_set.respond_token_id(tokenizer)]
 
 
+def token_router_scores(probabilities: torch.Tensor) -> torch.Tensor:
+    """The model's own routing score: log-odds of opening with any refusal token rather than ``[respond]``.
+
+    ``log Σ_c p(c) − log p([respond])`` ranks prompts by how much the first-token distribution leans
+    toward refusing; it is monotone in ``Σ_c p(c)`` for a fixed ``p([respond])`` and, unlike the
+    probability itself, does not saturate at 1.0 in float32 (saturated scores tie and blur the ROC).
+
+    Args:
+        probabilities: ``[N, n_categories + 1]`` from :func:`scripts.steering.refusal_token_probabilities`
+            (category columns, then ``[respond]``).
+
+    Returns:
+        ``[N]`` float64 scores, higher = more harmful.
+    """
+    if probabilities.ndim != 2 or probabilities.shape[1] < 2:
+        raise ValueError(f"probabilities must be [N, n_categories + 1], got shape {tuple(probabilities.shape)}")
+    values = probabilities.detach().cpu().double().clamp_min(_MIN_PROBABILITY)
+    return values[:, :-1].sum(dim=1).log() - values[:, -1].log()
+
+
 def refusal_token_probabilities(
     hooked: HookedModel,
     texts: Sequence[str],
@@ -510,6 +532,33 @@ def token_router(
                        batch_size)
 
 
+def _head_probabilities(probe: Any, activations: torch.Tensor, categories: Sequence[str]) -> torch.Tensor:
+    names = list(getattr(probe, "categories", None) or [])
+    if not names or not hasattr(probe, "predict_category_proba"):
+        raise ValueError("category_source='probe_head' needs a probe with a category head (predict_category_proba)")
+    if names != list(categories):
+        raise KeyError(f"the probe's category head covers {names}, the category set has {list(categories)}")
+    return torch.as_tensor(probe.predict_category_proba(activations)).detach().float().cpu()
+
+
+def _signed_routes(
+    categories: Sequence[str],
+    scores: torch.Tensor,
+    harmful: torch.Tensor,
+    category_probabilities: torch.Tensor,
+    positive_strength: float,
+    negative_strength: float,
+) -> list[Route]:
+    """Harmful rows toward refusal, the others away, each with its most likely category's vector."""
+    best = category_probabilities.argmax(dim=-1)
+    routes = []
+    for score, is_harmful, index, row in zip(scores.tolist(), harmful.tolist(), best.tolist(), category_probabilities):
+        info = {"probe_score": float(score), "category_probability": float(row[index])}
+        routes.append(Route("harmful" if is_harmful else "benign", categories[index],
+                            positive_strength if is_harmful else negative_strength, info))  # fmt: skip
+    return routes
+
+
 @dataclass(frozen=True)
 class ProbeRouter:
     """Routes by a harmful-vs-benign probe on the last prompt position (see :func:`probe_router`)."""
@@ -547,22 +596,11 @@ class ProbeRouter:
                 f"the probe returned probabilities {tuple(scores.shape)} and decisions {tuple(harmful.shape)} "
                 f"for {len(texts)} texts; expected [N] and [N]"
             )
-        best = category_probabilities.argmax(dim=-1)
-        routes = []
-        for score, is_harmful, index, row in zip(scores.tolist(), harmful.tolist(), best.tolist(),
-                                                 category_probabilities):
-            info = {"probe_score": float(score), "category_probability": float(row[index])}
-            routes.append(Route("harmful" if is_harmful else "benign", self.categories[index],
-                                self.positive_strength if is_harmful else self.negative_strength, info))
-        return routes
+        return _signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
+                              self.negative_strength)
 
     def _head_probabilities(self, activations: torch.Tensor) -> torch.Tensor:
-        names = list(getattr(self.probe, "categories", None) or [])
-        if not names or not hasattr(self.probe, "predict_category_proba"):
-            raise ValueError("category_source='probe_head' needs a probe with a category head (predict_category_proba)")
-        if names != self.categories:
-            raise KeyError(f"the probe's category head covers {names}, the category set has {self.categories}")
-        return torch.as_tensor(self.probe.predict_category_proba(activations)).detach().float().cpu()
+        return _head_probabilities(self.probe, activations, self.categories)
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
@@ -608,6 +646,90 @@ def probe_router(
         raise ValueError(f"the probe was trained on hook kind {probe_kind!r}, not {kind!r}")
     return ProbeRouter(probe, probe_layer if layer is None else layer, category_set, float(positive_strength),
                        float(negative_strength), category_source, kind or probe_kind or DEFAULT_KIND, batch_size)
+
+
+class ProbeTokenScorer(Protocol):
+    """What :func:`probe_token_router` needs (:class:`scripts.linear_probe.ProbeTokenEnsemble` fits)."""
+
+    layer: int | None
+    hook_kind: str | None
+    categories: list[str]
+
+    def decision_function(self, features: torch.Tensor, token_scores: torch.Tensor) -> torch.Tensor:
+        """``[N, d_model]`` activations and ``[N]`` token scores → ``[N]`` scores, higher = more harmful."""
+        ...
+
+    def predict(self, features: torch.Tensor, token_scores: torch.Tensor) -> torch.Tensor:
+        """``[N]``: 1 where harmful at the scorer's own threshold, else 0."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProbeTokenRouter:
+    """Routes by a probe averaged with the model's refusal-token score (see :func:`probe_token_router`)."""
+
+    ensemble: ProbeTokenScorer
+    layer: int
+    category_set: CategorySet
+    positive_strength: float
+    negative_strength: float
+    category_source: str
+    kind: str
+    batch_size: int
+    name: str = "probe+token"
+
+    @property
+    def categories(self) -> list[str]:
+        return self.category_set.categories
+
+    def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
+        probabilities, activations = last_position_forward(
+            hooked, texts, refusal_token_ids(hooked.tokenizer, self.category_set),
+            capture=hooked.hook_name(self.layer, self.kind), batch_size=self.batch_size,
+        )  # fmt: skip
+        token_scores = token_router_scores(probabilities)
+        scores = torch.as_tensor(self.ensemble.decision_function(activations, token_scores)).detach().cpu()
+        harmful = torch.as_tensor(self.ensemble.predict(activations, token_scores)).detach().cpu().bool()
+        category_probabilities = (probabilities[:, :-1] if self.category_source == "token"
+                                  else _head_probabilities(self.ensemble, activations, self.categories))  # fmt: skip
+        return _signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
+                              self.negative_strength)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
+                "threshold": float(getattr(self.ensemble, "threshold", float("nan"))),
+                "ensemble_sha256": tensor_fingerprint(self.ensemble),
+                "positive_strength": self.positive_strength, "negative_strength": self.negative_strength,
+                "category_source": self.category_source, "category_set": self.category_set.name}  # fmt: skip
+
+
+def probe_token_router(
+    ensemble: ProbeTokenScorer,
+    category_set: CategorySet,
+    positive_strength: float = PAPER_POSITIVE_STRENGTH,
+    negative_strength: float = PAPER_NEGATIVE_STRENGTH,
+    category_source: str = "token",
+    batch_size: int = 16,
+) -> ProbeTokenRouter:
+    """Probe-routed steering whose harmful/benign decision also weighs the model's own first token.
+
+    One full forward pass per batch gives both inputs of the ensemble
+    (:class:`scripts.linear_probe.ProbeTokenEnsemble`): the last prompt position at the probe's layer
+    and the refusal-token distribution at the assistant's first position (:func:`token_router_scores`).
+    Rows the ensemble calls harmful (at its own threshold) are steered toward refusal with
+    ``positive_strength``, the others away with ``negative_strength``; the category is picked as in
+    :func:`probe_router`.
+
+    Raises:
+        ValueError: an unknown ``category_source``, or an ensemble whose probe records no layer.
+    """
+    if category_source not in CATEGORY_SOURCES:
+        raise ValueError(f"unknown category_source {category_source!r}; valid: {list(CATEGORY_SOURCES)}")
+    if ensemble.layer is None:
+        raise ValueError("the ensemble's probe does not record its layer")
+    return ProbeTokenRouter(ensemble, int(ensemble.layer), category_set, float(positive_strength),
+                            float(negative_strength), category_source, ensemble.hook_kind or DEFAULT_KIND,
+                            batch_size)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from scripts.linear_probe import (
     ArrayLike,
     LinearProbe,
     MultiLayerProbe,
+    ProbeTokenEnsemble,
     as_binary_labels,
     as_features,
     rates_at_threshold,
@@ -338,6 +339,49 @@ def train_multi_layer_probe(
     metrics["threshold"] = probe.threshold
     probe.metadata["metrics"] = metrics
     return probe, metrics
+
+
+def train_probe_token_ensemble(
+    probe: LinearProbe,
+    acts_train: ArrayLike,
+    token_train: ArrayLike,
+    acts_val: ArrayLike,
+    token_val: ArrayLike,
+    y_val: ArrayLike,
+    threshold_method: str = "youden",
+    target_fpr: float = 0.05,
+    metadata: Mapping[str, Any] | None = None,
+) -> tuple[ProbeTokenEnsemble, dict[str, Any]]:
+    """Average a fitted probe with the model's refusal-token score; standardise on training rows, threshold on validation.
+
+    Args:
+        probe: Fitted on ``acts_train`` (e.g. by :func:`train_probe`).
+        acts_train: ``[N_train, d_model]`` the probe's training activations.
+        token_train: ``[N_train]`` refusal-token scores of the same rows
+            (:func:`scripts.steering.token_router_scores`).
+        acts_val, token_val, y_val: ``[N_val, d_model]``, ``[N_val]``, ``[N_val]`` validation rows.
+
+    Returns:
+        ``(ensemble, metrics)``: ``auc_val``, ``threshold`` (on the ensemble's scale), ``tpr``, ``fpr``,
+        ``threshold_method``, ``target_fpr``, ``n_val``.
+    """
+    ensemble = ProbeTokenEnsemble(probe, metadata=metadata).fit(acts_train, token_train)
+    val_scores = ensemble.decision_function(acts_val, token_val)
+    labels = as_binary_labels(y_val, val_scores.shape[0])
+    threshold, tpr, fpr = choose_threshold(val_scores, labels, threshold_method, target_fpr)
+    ensemble.set_threshold(threshold)
+    metrics = {
+        "auc_val": roc_auc(val_scores, labels),
+        "threshold": threshold,
+        "threshold_method": threshold_method,
+        "target_fpr": target_fpr if threshold_method == "fpr" else None,
+        "tpr": tpr,
+        "fpr": fpr,
+        "n_val": int(labels.shape[0]),
+    }
+    ensemble.metadata["metrics"] = metrics
+    logger.info("probe+token ensemble: val AUC %.4f, TPR %.3f, FPR %.3f", metrics["auc_val"], tpr, fpr)
+    return ensemble, metrics
 
 
 def evaluate_probe(probe: LinearProbe, acts: ArrayLike, labels: ArrayLike) -> dict[str, float]:

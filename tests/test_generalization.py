@@ -30,10 +30,10 @@ from scripts.generalization import (
     multi_layer_probe_router,
     probe_generalization,
     probe_router_name,
+    probe_token_router_name,
     rates_by_label,
     steering_generalization,
     steering_targets,
-    token_router_scores,
 )
 from scripts.hooked_model import wrap_model
 from scripts.linear_probe import LinearProbe, MultiLayerProbe
@@ -41,7 +41,14 @@ from scripts.model import format_chat
 from scripts.judge import Verdict
 from scripts.records import PromptRecord, read_jsonl
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
-from scripts.steering import baseline, categorical, fixed_category, probe_router, refusal_token_probabilities
+from scripts.steering import (
+    baseline,
+    categorical,
+    fixed_category,
+    probe_router,
+    refusal_token_probabilities,
+    token_router_scores,
+)
 from scripts.train_linear_probe import choose_threshold
 
 CATEGORIES = DONOTANSWER_CATEGORIES.categories
@@ -219,7 +226,8 @@ def test_probe_generalization_matches_sklearn_and_sees_the_shift(splits) -> None
     index = {r.id: i for i, r in enumerate(records)}
     for source, split in by_source.items():
         routers = results[source]["routers"]
-        assert set(routers) == {TOKEN_ROUTER, probe_router_name(1), probe_router_name(2), MULTI_LAYER_ROUTER}
+        assert set(routers) == {TOKEN_ROUTER, probe_router_name(1), probe_router_name(2), MULTI_LAYER_ROUTER,
+                                probe_token_router_name(1), probe_token_router_name(2)}
         train_rows = [index[r.id] for r in split.train]
         val_rows = [index[r.id] for r in split.val]
         test_rows = [index[r.id] for r in split.test]
@@ -239,6 +247,20 @@ def test_probe_generalization_matches_sklearn_and_sees_the_shift(splits) -> None
         routed = token_scores[test_rows].numpy() >= threshold
         assert token["route_accuracy"] == pytest.approx(np.mean(routed == y_test.astype(bool)))
         assert token["benign_routed_benign"] == pytest.approx(np.mean(~routed[y_test == 0]))
+        # The ensemble: each score standardised by its training-side mean and (population) std, then averaged.
+        for layer in (1, 2):
+            logits = {name: sklearn_scores(acts[layer], train_rows, y_train, rows)
+                      for name, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows))}  # fmt: skip
+            tokens = {name: token_scores[rows].numpy()
+                      for name, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows))}  # fmt: skip
+            ensemble = {name: ((logits[name] - logits["train"].mean()) / logits["train"].std()
+                               + (tokens[name] - tokens["train"].mean()) / tokens["train"].std()) / 2
+                        for name in ("val", "test")}  # fmt: skip
+            combined = routers[probe_token_router_name(layer)]
+            assert combined["auc"] == pytest.approx(roc_auc_score(y_test, ensemble["test"]), abs=1e-9)
+            assert combined["val_auc"] == pytest.approx(roc_auc_score(y_val, ensemble["val"]), abs=1e-9)
+            expected_threshold = choose_threshold(torch.tensor(ensemble["val"]), torch.tensor(y_val))[0]
+            assert combined["threshold"] == pytest.approx(expected_threshold, abs=1e-6)
         for metrics in routers.values():
             assert metrics["ci"][0] <= metrics["auc"] <= metrics["ci"][1]
     # The shifted look-alikes are harder at the layer where they are shifted more.

@@ -9,6 +9,7 @@ import torch
 from scripts.linear_probe import (
     LinearProbe,
     MultiLayerProbe,
+    ProbeTokenEnsemble,
     as_binary_labels,
     as_features,
     rates_at_threshold,
@@ -231,6 +232,32 @@ def test_multi_layer_probe_averages_logits_and_round_trips(tmp_path):
             1: LinearProbe(D_MODEL, hook_kind="resid_pre"),
             2: LinearProbe(D_MODEL, hook_kind="resid_mid"),
         })
+
+
+def test_probe_token_ensemble_averages_standardised_scores_and_round_trips(tmp_path):
+    features, labels = gaussians(60, separation=2.0, seed=8)
+    probe = LinearProbe(D_MODEL, layer=4, hook_kind="resid_post", categories=["a", "b"]).fit(
+        features, labels, categories=["a" if i % 2 else "b" for i in range(len(labels))], progress=False
+    )
+    token = labels.double() * 3 + torch.randn(len(labels), generator=torch.Generator().manual_seed(3)).double()
+    ensemble = ProbeTokenEnsemble(probe, metadata={"note": "x"}).fit(features, token).set_threshold(0.25)
+    logits = probe.decision_function(features).double().numpy()
+    expected = ((logits - logits.mean()) / logits.std() + (token.numpy() - token.numpy().mean()) / token.numpy().std()) / 2
+    np.testing.assert_allclose(ensemble.decision_function(features, token).numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ensemble.predict(features, token), torch.as_tensor(expected >= 0.25).long())
+    assert ensemble.layer == 4 and ensemble.hook_kind == "resid_post" and ensemble.categories == ["a", "b"]
+    loaded = ProbeTokenEnsemble.load(ensemble.save(tmp_path / "router.safetensors"))
+    assert torch.equal(loaded.decision_function(features, token), ensemble.decision_function(features, token))
+    assert float(loaded.threshold) == 0.25 and loaded.metadata == {"note": "x"}
+    assert torch.equal(loaded.predict_category_proba(features), probe.predict_category_proba(features))
+    with pytest.raises(ValueError, match="token_scores must be"):
+        ensemble.decision_function(features, token[:-1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ensemble.fit(features, torch.full_like(token, float("inf")))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ProbeTokenEnsemble(probe).decision_function(features, token)
+    with pytest.raises(ValueError, match="holds a 'probe_token_ensemble'"):
+        LinearProbe.load(tmp_path / "router.safetensors")
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -272,6 +272,42 @@ def test_probe_router_with_a_real_linear_probe(hooked, texts):
         steering.probe_router(probe, LAYER + 1, CATEGORIES)
 
 
+@pytest.mark.parametrize("category_source", ["token", "probe_head"])
+def test_probe_token_router_averages_the_probe_with_the_models_own_token(hooked, texts, category_source):
+    from scripts.linear_probe import LinearProbe, ProbeTokenEnsemble
+
+    reference = _reference_activations(hooked, texts)
+    # Token scores computed another way: each text alone, unpadded, softmax over the full vocabulary.
+    token_ids = steering.refusal_token_ids(hooked.tokenizer, CATEGORIES)
+    probabilities = torch.stack([_single_logits(hooked, text).double().softmax(-1)[token_ids] for text in texts])
+    token_scores = probabilities[:, :-1].sum(dim=1).log() - probabilities[:, -1].log()
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    probe = LinearProbe(hooked.d_model, layer=LAYER, hook_kind="resid_post", categories=CATEGORIES.categories)
+    probe.fit(reference, labels, categories=[CATEGORIES.categories[2] if y else None for y in labels.tolist()],
+              progress=False)
+    ensemble = ProbeTokenEnsemble(probe).fit(reference, token_scores)
+    logits = probe.decision_function(reference).double()
+    expected_scores = ((logits - logits.mean()) / logits.std(unbiased=False)
+                       + (token_scores - token_scores.mean()) / token_scores.std(unbiased=False)) / 2
+    ordered = expected_scores.sort().values
+    threshold = float(ordered[2] + ordered[3]) / 2  # between two rows, so float32 vs float64 cannot flip one
+    ensemble.set_threshold(threshold)
+    routes = steering.probe_token_router(ensemble, CATEGORIES, category_source=category_source).route(hooked, texts)
+    expected_categories = (probabilities[:, :-1].argmax(dim=-1).tolist() if category_source == "token"
+                           else [CATEGORIES.categories.index(c) for c in probe.predict_category(reference)])
+    for route, score, category in zip(routes, expected_scores, expected_categories):
+        harmful = bool(score >= threshold)
+        assert route.route == ("harmful" if harmful else "benign")
+        assert route.strength == (4.0 if harmful else -6.0)
+        assert route.category == CATEGORIES.categories[category]
+        assert route.info["probe_score"] == pytest.approx(float(score), abs=1e-4)
+    assert {r.route for r in routes} == {"harmful", "benign"}
+    router = steering.probe_token_router(ensemble, CATEGORIES)
+    assert router.metadata()["layer"] == LAYER and router.metadata()["router"] == "probe+token"
+    with pytest.raises(ValueError, match="valid"):
+        steering.probe_token_router(ensemble, CATEGORIES, category_source="nope")
+
+
 def test_baseline_condition_installs_nothing(hooked, texts):
     plan = steering.baseline().plan(hooked, list(texts), texts)
     assert plan.batch_hook is None

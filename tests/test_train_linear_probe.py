@@ -19,6 +19,7 @@ from scripts.train_linear_probe import (
     stratified_split,
     train_multi_layer_probe,
     train_probe,
+    train_probe_token_ensemble,
 )
 from tests.test_linear_probe import brute_force_j, gaussians, j_at
 
@@ -208,3 +209,22 @@ def held_out_probe_auc(model_alias: str, n_prompts: int = 600, max_chars: int = 
 def test_refusal_model_probe_reaches_auc_095():
     held_out, metrics = held_out_probe_auc("smollm2-135m-refusal-tokens")
     assert held_out["auc"] >= 0.95, (held_out, metrics)
+
+
+def test_probe_token_ensemble_threshold_comes_from_validation_rows_only():
+    features, labels = gaussians(80, separation=1.5, seed=21)
+    generator = torch.Generator().manual_seed(22)
+    token = labels.double() * 2 + torch.randn(len(labels), generator=generator).double()
+    order = torch.randperm(len(labels), generator=generator)
+    train, val = order[:100], order[100:]
+    probe = LinearProbe(D_MODEL, layer=2).fit(features[train], labels[train], progress=False)
+    ensemble, metrics = train_probe_token_ensemble(
+        probe, features[train], token[train], features[val], token[val], labels[val], threshold_method="fpr"
+    )
+    val_scores = ensemble.decision_function(features[val], token[val])
+    threshold, tpr, fpr = choose_threshold(val_scores, labels[val], "fpr")
+    assert float(ensemble.threshold) == threshold == metrics["threshold"]
+    assert (metrics["tpr"], metrics["fpr"]) == (tpr, fpr) and fpr <= 0.05
+    assert metrics["auc_val"] == roc_auc(val_scores, labels[val])
+    # Both halves carry signal, so their average ranks the validation rows better than the probe alone.
+    assert metrics["auc_val"] > roc_auc(probe.decision_function(features[val]), labels[val])
