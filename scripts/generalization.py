@@ -334,18 +334,17 @@ def fit_fold_ensemble(
     split: SourceSplit,
     threshold_method: str = "youden",
 ) -> ProbeTokenEnsemble:
-    """The fold's probe averaged with the model's token score: standardised on ``split.train``, thresholded on ``split.val``.
+    """The fold's probe averaged with the model's token score, standardised and thresholded on ``split.val``.
 
     Args:
         probe: The fold's probe at one layer (:func:`fit_fold_probes`).
         acts: ``[N, d_model]`` activations at the probe's layer, rows aligned with ``records``.
         token_scores: ``[N]`` token scores of the same rows (:func:`scripts.steering.token_router_scores`).
     """
-    index = _row_index(records)
-    train_rows, val_rows = _rows(index, split.train, "training"), _rows(index, split.val, "validation")
+    val_rows = _rows(_row_index(records), split.val, "validation")
     ensemble, _ = train_probe_token_ensemble(
-        probe, acts[train_rows], token_scores[train_rows], acts[val_rows], token_scores[val_rows],
-        _binary(split.val), threshold_method=threshold_method, metadata={"held_out_source": split.source},
+        probe, acts[val_rows], token_scores[val_rows], _binary(split.val), threshold_method=threshold_method,
+        metadata={"held_out_source": split.source},
     )  # fmt: skip
     return ensemble
 

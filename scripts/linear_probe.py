@@ -20,7 +20,7 @@ The optional category head is a multinomial logistic regression over harmful cat
 the harmful rows only, so a router can pick which category's vector to apply.
 
 :class:`MultiLayerProbe` averages the logits of per-layer probes. :class:`ProbeTokenEnsemble` averages a
-probe's logit with the model's own refusal-token score, each standardised on the probe's training rows.
+probe's logit with the model's own refusal-token score, each standardised on held-out validation rows.
 """
 
 from __future__ import annotations
@@ -590,8 +590,9 @@ class ProbeTokenEnsemble(torch.nn.Module):
 
     ``score = ½·((probe_logit − μ_probe) / σ_probe + (token_score − μ_token) / σ_token)``, where the
     token score is the log-odds of a refusal token over ``[respond]`` at the assistant's first position
-    (:func:`scripts.steering.token_router_scores`) and μ, σ come from the probe's training rows
-    (:meth:`fit`). The two scores fail on different prompt sources (the probe on look-alikes phrased
+    (:func:`scripts.steering.token_router_scores`) and μ, σ come from rows the probe was not trained on
+    (:meth:`fit`; its logits on its own training rows are overconfident, so their spread would
+    under-weight it on new prompts). The two scores fail on different prompt sources (the probe on look-alikes phrased
     unlike its benign data, the token on harmful prompts unlike the fine-tune's), so their mean ranks new
     sources better than either; equal weights, because weights tuned on validation data would favour
     whichever score fits the sources already seen.
@@ -642,10 +643,10 @@ class ProbeTokenEnsemble(torch.nn.Module):
         return logits, tokens
 
     def fit(self, features: ArrayLike, token_scores: ArrayLike) -> Self:
-        """Standardisation of both scores from the probe's training rows.
+        """Standardisation of both scores, from rows the probe was not trained on (e.g. its validation rows).
 
         Args:
-            features: ``[N, d_model]`` activations the probe was trained on.
+            features: ``[N, d_model]`` activations.
             token_scores: ``[N]`` the model's refusal-token scores of the same rows.
 
         Returns:

@@ -343,8 +343,6 @@ def train_multi_layer_probe(
 
 def train_probe_token_ensemble(
     probe: LinearProbe,
-    acts_train: ArrayLike,
-    token_train: ArrayLike,
     acts_val: ArrayLike,
     token_val: ArrayLike,
     y_val: ArrayLike,
@@ -352,20 +350,22 @@ def train_probe_token_ensemble(
     target_fpr: float = 0.05,
     metadata: Mapping[str, Any] | None = None,
 ) -> tuple[ProbeTokenEnsemble, dict[str, Any]]:
-    """Average a fitted probe with the model's refusal-token score; standardise on training rows, threshold on validation.
+    """Average a fitted probe with the model's refusal-token score; standardise and threshold on validation rows.
+
+    Only rows the probe was not trained on are needed (and only their token scores: one forward pass
+    over the validation prompts).
 
     Args:
-        probe: Fitted on ``acts_train`` (e.g. by :func:`train_probe`).
-        acts_train: ``[N_train, d_model]`` the probe's training activations.
-        token_train: ``[N_train]`` refusal-token scores of the same rows
-            (:func:`scripts.steering.token_router_scores`).
-        acts_val, token_val, y_val: ``[N_val, d_model]``, ``[N_val]``, ``[N_val]`` validation rows.
+        probe: Fitted on other rows (e.g. by :func:`train_probe`).
+        acts_val: ``[N_val, d_model]`` validation activations at the probe's layer.
+        token_val: ``[N_val]`` refusal-token scores of the same rows (:func:`scripts.steering.token_router_scores`).
+        y_val: ``[N_val]`` in {0, 1}.
 
     Returns:
         ``(ensemble, metrics)``: ``auc_val``, ``threshold`` (on the ensemble's scale), ``tpr``, ``fpr``,
         ``threshold_method``, ``target_fpr``, ``n_val``.
     """
-    ensemble = ProbeTokenEnsemble(probe, metadata=metadata).fit(acts_train, token_train)
+    ensemble = ProbeTokenEnsemble(probe, metadata=metadata).fit(acts_val, token_val)
     val_scores = ensemble.decision_function(acts_val, token_val)
     labels = as_binary_labels(y_val, val_scores.shape[0])
     threshold, tpr, fpr = choose_threshold(val_scores, labels, threshold_method, target_fpr)

@@ -247,14 +247,13 @@ def test_probe_generalization_matches_sklearn_and_sees_the_shift(splits) -> None
         routed = token_scores[test_rows].numpy() >= threshold
         assert token["route_accuracy"] == pytest.approx(np.mean(routed == y_test.astype(bool)))
         assert token["benign_routed_benign"] == pytest.approx(np.mean(~routed[y_test == 0]))
-        # The ensemble: each score standardised by its training-side mean and (population) std, then averaged.
+        # The ensemble: each score standardised by its validation-side mean and (population) std, then averaged.
         for layer in (1, 2):
             logits = {name: sklearn_scores(acts[layer], train_rows, y_train, rows)
-                      for name, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows))}  # fmt: skip
-            tokens = {name: token_scores[rows].numpy()
-                      for name, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows))}  # fmt: skip
-            ensemble = {name: ((logits[name] - logits["train"].mean()) / logits["train"].std()
-                               + (tokens[name] - tokens["train"].mean()) / tokens["train"].std()) / 2
+                      for name, rows in (("val", val_rows), ("test", test_rows))}  # fmt: skip
+            tokens = {name: token_scores[rows].numpy() for name, rows in (("val", val_rows), ("test", test_rows))}
+            ensemble = {name: ((logits[name] - logits["val"].mean()) / logits["val"].std()
+                               + (tokens[name] - tokens["val"].mean()) / tokens["val"].std()) / 2
                         for name in ("val", "test")}  # fmt: skip
             combined = routers[probe_token_router_name(layer)]
             assert combined["auc"] == pytest.approx(roc_auc_score(y_test, ensemble["test"]), abs=1e-9)

@@ -211,17 +211,20 @@ def test_refusal_model_probe_reaches_auc_095():
     assert held_out["auc"] >= 0.95, (held_out, metrics)
 
 
-def test_probe_token_ensemble_threshold_comes_from_validation_rows_only():
+def test_probe_token_ensemble_is_standardised_and_thresholded_on_validation_rows():
     features, labels = gaussians(80, separation=1.5, seed=21)
     generator = torch.Generator().manual_seed(22)
     token = labels.double() * 2 + torch.randn(len(labels), generator=generator).double()
     order = torch.randperm(len(labels), generator=generator)
     train, val = order[:100], order[100:]
     probe = LinearProbe(D_MODEL, layer=2).fit(features[train], labels[train], progress=False)
-    ensemble, metrics = train_probe_token_ensemble(
-        probe, features[train], token[train], features[val], token[val], labels[val], threshold_method="fpr"
-    )
+    ensemble, metrics = train_probe_token_ensemble(probe, features[val], token[val], labels[val], threshold_method="fpr")
     val_scores = ensemble.decision_function(features[val], token[val])
+    # Standardised on the validation rows: each half has mean 0 and unit (population) spread there.
+    logits = probe.decision_function(features[val]).double()
+    expected = ((logits - logits.mean()) / logits.std(unbiased=False)
+                + (token[val] - token[val].mean()) / token[val].std(unbiased=False)) / 2
+    torch.testing.assert_close(val_scores, expected, rtol=1e-12, atol=1e-12)
     threshold, tpr, fpr = choose_threshold(val_scores, labels[val], "fpr")
     assert float(ensemble.threshold) == threshold == metrics["threshold"]
     assert (metrics["tpr"], metrics["fpr"]) == (tpr, fpr) and fpr <= 0.05
