@@ -149,6 +149,35 @@ def _shade_good_region(ax: Axes, good_region: tuple[float, float], label: str | 
     ax.fill_between([0.0, max_over_refusal], min_refusal, 1.0, color="tab:green", alpha=0.12, lw=0, label=label)
 
 
+def point_labels(
+    points: Sequence[TradeoffPoint], gap: float = 0.045, margin: float = 0.03
+) -> list[tuple[str, tuple[float, float]] | None]:
+    """Label text and position (data coordinates) per point, in a column right of every point's interval.
+
+    Points at the same rates share one label (``"base = categorical_steering"``: the later ones get
+    ``None``). Labels sit at ``margin`` right of the rightmost interval end, at their point's height, moved
+    down where needed so that consecutive labels are at least ``gap`` apart (a leader line joins each
+    label to its point).
+    """
+    labels: list[tuple[str, tuple[float, float]] | None] = [None] * len(points)
+    texts: dict[int, str] = {}
+    for index, point in enumerate(points):
+        twin = next((other for other in texts if (points[other].over_refusal_rate, points[other].refusal_rate)
+                     == (point.over_refusal_rate, point.refusal_rate)), None)  # fmt: skip
+        if twin is None:
+            texts[index] = point.condition
+        else:
+            texts[twin] = f"{texts[twin]} = {point.condition}"
+    if not texts:
+        return labels
+    x_text = max(points[index].over_refusal_ci[1] for index in texts) + margin
+    y_text = float("inf")
+    for index in sorted(texts, key=lambda position: -points[position].refusal_rate):
+        y_text = min(points[index].refusal_rate, y_text - gap)
+        labels[index] = (texts[index], (x_text, y_text))
+    return labels
+
+
 def draw_tradeoff(
     ax: Axes, points: Sequence[TradeoffPoint], good_region: tuple[float, float] = DEFAULT_GOOD_REGION
 ) -> list[ErrorbarContainer]:
@@ -160,7 +189,8 @@ def draw_tradeoff(
     _shade_good_region(ax, good_region, label="desired: low over-refusal, high refusal")
     colours = plt.get_cmap("tab10")
     containers = []
-    for index, point in enumerate(points):
+    labels = point_labels(points)
+    for index, (point, label) in enumerate(zip(points, labels)):
         container = ax.errorbar(
             point.over_refusal_rate,
             point.refusal_rate,
@@ -172,13 +202,12 @@ def draw_tradeoff(
             markersize=7,
             label=point.condition,
         )
-        ax.annotate(
-            point.condition,
-            (point.over_refusal_rate, point.refusal_rate),
-            textcoords="offset points",
-            xytext=(6, 6),
-            fontsize=8,
-        )
+        if label is not None:
+            text, position = label
+            ax.annotate(
+                text, (point.over_refusal_rate, point.refusal_rate), xytext=position, fontsize=8, va="center",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6},
+            )  # fmt: skip
         containers.append(container)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)

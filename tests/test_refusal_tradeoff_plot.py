@@ -91,6 +91,27 @@ def test_draw_tradeoff_draws_each_point_at_its_rates() -> None:
     plt.close(fig)
 
 
+def _point(condition: str, over_refusal: float, refusal: float) -> rtp.TradeoffPoint:
+    return rtp.TradeoffPoint(condition, over_refusal, (over_refusal, over_refusal), refusal, (refusal, refusal), 10, 10)
+
+
+def test_labels_of_coinciding_and_nearby_points_do_not_overprint() -> None:
+    points = [_point("base", 0.2, 0.84), _point("categorical", 0.2, 0.84), _point("low_rank", 0.147, 0.87),
+              _point("probe", 0.173, 0.87), _point("logit_bias", 0.067, 0.70)]  # fmt: skip
+    labels = rtp.point_labels(points)
+    assert labels[1] is None  # categorical sits on base: one shared label
+    assert [label[0] for label in labels if label] == ["base = categorical", "low_rank", "probe", "logit_bias"]
+    x = 0.2 + 0.03  # right of the widest interval (here every interval is its point)
+    expected = {"low_rank": (x, 0.87), "probe": (x, 0.87 - 0.045), "base = categorical": (x, 0.87 - 0.09),
+                "logit_bias": (x, 0.70)}  # fmt: skip
+    for text, position in (label for label in labels if label):
+        assert position == pytest.approx(expected[text])
+    fig, ax = plt.subplots()
+    rtp.draw_tradeoff(ax, points)
+    assert sorted(text.get_text() for text in ax.texts) == ["base = categorical", "logit_bias", "low_rank", "probe"]
+    plt.close(fig)
+
+
 def test_report_json_and_verdicts_give_the_same_points(tmp_path: Path) -> None:
     rows = _verdict_rows()
     report_path = tmp_path / "report.json"
