@@ -45,10 +45,14 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
     # Neither source is in the refusal-token model's fine-tune (both are evaluation-only).
     assert over_refusal["model_saw_source"] is False and harmbench["model_saw_source"] is False
     for entry in (over_refusal, harmbench):
-        assert set(entry["probe_auc"]) == {"token", "probe_L9", "probe_L15", "multi_layer"} | {f"probe_L{summary['layer']}"}
+        probes = {"probe_L9", "probe_L15", f"probe_L{summary['layer']}"}
+        assert set(entry["probe_auc"]) == {"token", "multi_layer"} | probes | {f"{name}+token" for name in probes}
         assert all(0.0 <= auc["ci"][0] <= auc["auc"] <= auc["ci"][1] <= 1.0 for auc in entry["probe_auc"].values())
         assert set(entry["conditions"]) == {"base", "probe_routed_steering"}
     assert over_refusal["conditions"]["base"]["benign"]["n"] == 4
     assert harmbench["conditions"]["probe_routed_steering"]["harmful"]["n"] == 4
     assert generalization["best_router"] in generalization["router_mean_auc"]
+    # The default router (probe + the model's token) routed both the main condition and each fold's steering.
+    assert summary["routing"]["router"] == "probe+token"
+    assert generalization["steering_router"] == f"probe_L{summary['layer']}+token"
 

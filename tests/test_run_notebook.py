@@ -13,18 +13,22 @@ def test_format_summary_lists_conditions_in_order_with_their_rates_and_the_held_
         "conditions": ["probe_routed_steering", "base", "extra"],
         "probe_routed_steering": _condition(0.95, 0.125), "base": _condition(0.9, 0.25), "extra": _condition(0.5, 0.5),
         "generalization": {
-            "best_probe_router": "probe_L18", "best_router": "probe_L18",
-            "router_mean_auc": {"token": 0.8, "probe_L18": 0.855},
+            "best_probe_router": "probe_L18", "best_router": "probe_L18+token", "steering_router": "probe_L18+token",
+            "router_mean_auc": {"token": 0.8, "probe_L18": 0.855, "probe_L18+token": 0.87},
             "sources": {
                 "rho_overrefusal": {"label": "benign", "model_saw_source": False,
                                     "probe_auc": {"probe_L18": {"auc": 0.91, "ci": [0.85, 0.95]},
-                                                  "token": {"auc": 0.75, "ci": [0.6, 0.8]}},
-                                    "routing": {"probe_L18": {"benign_routed_benign": 0.75}},
+                                                  "token": {"auc": 0.75, "ci": [0.6, 0.8]},
+                                                  "probe_L18+token": {"auc": 0.93, "ci": [0.9, 0.96]}},
+                                    "routing": {"probe_L18": {"benign_routed_benign": 0.75},
+                                                "probe_L18+token": {"benign_routed_benign": 0.875}},
                                     "conditions": {"base": {"benign": {"rate": 0.2}},
                                                    "probe_routed_steering": {"benign": {"rate": 0.1}}}},
                 "harmbench": {"label": "harmful", "model_saw_source": False,
-                              "probe_auc": {"probe_L18": {"auc": 0.8, "ci": [0.7, 0.88]}},
-                              "routing": {"probe_L18": {"harmful_routed_harmful": 0.6}},
+                              "probe_auc": {"probe_L18": {"auc": 0.8, "ci": [0.7, 0.88]},
+                                            "probe_L18+token": {"auc": 0.82, "ci": [0.72, 0.9]}},
+                              "routing": {"probe_L18": {"harmful_routed_harmful": 0.6},
+                                          "probe_L18+token": {"harmful_routed_harmful": 0.65}},
                               "conditions": {"base": {"harmful": {"rate": 0.45}}}},
             },
         },
@@ -35,12 +39,14 @@ def test_format_summary_lists_conditions_in_order_with_their_rates_and_the_held_
     assert rows == [["base", "0.900", "0.250", "60", "80"], ["probe_routed_steering", "0.950", "0.125", "60", "80"],
                     ["extra", "0.500", "0.500", "60", "80"]]
     sources = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["rho_overrefusal"], ["harmbench"])}
-    # AUC, interval, token AUC, share sent toward refusal, base and steered rates on the source's own prompts.
+    # Best probe router's AUC and interval, token AUC, the steering router's AUC, the share it sent toward
+    # refusal, base and steered rates on the source's own prompts.
     assert sources["rho_overrefusal"] == ["rho_overrefusal", "benign", "False", "0.910", "[0.85,", "0.95]", "0.750",
-                                          "0.250", "0.200", "0.100"]
-    assert sources["harmbench"] == ["harmbench", "harmful", "False", "0.800", "[0.70,", "0.88]", "-", "0.600", "0.450",
-                                    "-"]
-    assert lines[-1] == "mean held-out AUC: token 0.800, probe_L18 0.855; best router: probe_L18"
+                                          "0.930", "0.125", "0.200", "0.100"]
+    assert sources["harmbench"] == ["harmbench", "harmful", "False", "0.800", "[0.70,", "0.88]", "-", "0.820",
+                                    "0.650", "0.450", "-"]
+    assert lines[-1] == ("mean held-out AUC: token 0.800, probe_L18 0.855, probe_L18+token 0.870; "
+                         "best router: probe_L18+token; steering router: probe_L18+token")
 
 
 def test_format_summary_without_generalization_block_prints_conditions_only() -> None:
