@@ -46,7 +46,14 @@ from scripts.data_splits import leave_one_source_out, normalize_text, subsample_
 from scripts.eval import run_condition
 from scripts.hooked_model import HookedModel
 from scripts.judge import Judge, load_result_rows, run_judge
-from scripts.linear_probe import ArrayLike, LinearProbe, MultiLayerProbe, ProbeTokenEnsemble, rates_at_threshold, roc_auc
+from scripts.linear_probe import (
+    ArrayLike,
+    LinearProbe,
+    MultiLayerProbe,
+    ProbeTokenEnsemble,
+    rates_at_threshold,
+    roc_auc,
+)
 from scripts.records import PromptRecord
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, CategorySet
 from scripts.report import format_rate, metric_name, rate_summary

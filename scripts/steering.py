@@ -587,7 +587,7 @@ class ProbeRouter:
         else:
             cached = cache_activations(hooked, texts, self.layer, self.kind, batch_size=self.batch_size, progress=False)
             activations = cached.layer(cached.layers[0])
-            category_probabilities = self._head_probabilities(activations)
+            category_probabilities = _head_probabilities(self.probe, activations, self.categories)
         # The decision is the probe's own (it may threshold logits, which do not saturate like probabilities).
         scores = torch.as_tensor(self.probe.predict_proba(activations)).detach().float().cpu()
         harmful = torch.as_tensor(self.probe.predict(activations)).detach().cpu().bool()
@@ -598,9 +598,6 @@ class ProbeRouter:
             )
         return _signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
                               self.negative_strength)
-
-    def _head_probabilities(self, activations: torch.Tensor) -> torch.Tensor:
-        return _head_probabilities(self.probe, activations, self.categories)
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",

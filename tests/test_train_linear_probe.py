@@ -218,7 +218,9 @@ def test_probe_token_ensemble_is_standardised_and_thresholded_on_validation_rows
     order = torch.randperm(len(labels), generator=generator)
     train, val = order[:100], order[100:]
     probe = LinearProbe(D_MODEL, layer=2).fit(features[train], labels[train], progress=False)
-    ensemble, metrics = train_probe_token_ensemble(probe, features[val], token[val], labels[val], threshold_method="fpr")
+    ensemble, metrics = train_probe_token_ensemble(
+        probe, features[val], token[val], labels[val], threshold_method="fpr"
+    )
     val_scores = ensemble.decision_function(features[val], token[val])
     # Standardised on the validation rows: each half has mean 0 and unit (population) spread there.
     logits = probe.decision_function(features[val]).double()
