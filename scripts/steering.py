@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -572,32 +572,42 @@ class ProbeRouter:
     kind: str
     batch_size: int
     name: str = "probe"
+    reads_first_token: ClassVar[bool] = False
+    """Whether the decision reads the refusal-token distribution (a full forward pass, not a truncated one)."""
 
     @property
     def categories(self) -> list[str]:
         return self.category_set.categories
 
     def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
-        if self.category_source == "token":
+        probabilities = None
+        if self.category_source == "token" or self.reads_first_token:
             probabilities, activations = last_position_forward(
                 hooked, texts, refusal_token_ids(hooked.tokenizer, self.category_set),
                 capture=hooked.hook_name(self.layer, self.kind), batch_size=self.batch_size,
             )
-            category_probabilities = probabilities[:, :-1]
         else:
             cached = cache_activations(hooked, texts, self.layer, self.kind, batch_size=self.batch_size, progress=False)
             activations = cached.layer(cached.layers[0])
-            category_probabilities = _head_probabilities(self.probe, activations, self.categories)
-        # The decision is the probe's own (it may threshold logits, which do not saturate like probabilities).
-        scores = torch.as_tensor(self.probe.predict_proba(activations)).detach().float().cpu()
-        harmful = torch.as_tensor(self.probe.predict(activations)).detach().cpu().bool()
+        category_probabilities = (probabilities[:, :-1] if self.category_source == "token"
+                                  else _head_probabilities(self.probe, activations, self.categories))  # fmt: skip
+        scores, harmful = self._decide(activations, probabilities)
         if scores.shape != (len(texts),) or harmful.shape != (len(texts),):
             raise ValueError(
-                f"the probe returned probabilities {tuple(scores.shape)} and decisions {tuple(harmful.shape)} "
+                f"the probe returned scores {tuple(scores.shape)} and decisions {tuple(harmful.shape)} "
                 f"for {len(texts)} texts; expected [N] and [N]"
             )
         return _signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
                               self.negative_strength)
+
+    def _decide(
+        self, activations: torch.Tensor, probabilities: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([N] scores, [N] bool harmful)``; ``probabilities`` ``[N, C + 1]`` is for routers that read it."""
+        # The decision is the probe's own (it may threshold logits, which do not saturate like probabilities).
+        scores = torch.as_tensor(self.probe.predict_proba(activations)).detach().float().cpu()
+        harmful = torch.as_tensor(self.probe.predict(activations)).detach().cpu().bool()
+        return scores, harmful
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
@@ -662,40 +672,28 @@ class ProbeTokenScorer(Protocol):
 
 
 @dataclass(frozen=True)
-class ProbeTokenRouter:
-    """Routes by a probe averaged with the model's refusal-token score (see :func:`probe_token_router`)."""
+class ProbeTokenRouter(ProbeRouter):
+    """Routes by a probe averaged with the model's refusal-token score (see :func:`probe_token_router`).
 
-    ensemble: ProbeTokenScorer
-    layer: int
-    category_set: CategorySet
-    positive_strength: float
-    negative_strength: float
-    category_source: str
-    kind: str
-    batch_size: int
+    ``probe`` is the :class:`ProbeTokenScorer` (e.g. a :class:`scripts.linear_probe.ProbeTokenEnsemble`).
+    """
+
+    probe: ProbeTokenScorer
     name: str = "probe+token"
+    reads_first_token: ClassVar[bool] = True
 
-    @property
-    def categories(self) -> list[str]:
-        return self.category_set.categories
-
-    def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
-        probabilities, activations = last_position_forward(
-            hooked, texts, refusal_token_ids(hooked.tokenizer, self.category_set),
-            capture=hooked.hook_name(self.layer, self.kind), batch_size=self.batch_size,
-        )  # fmt: skip
+    def _decide(
+        self, activations: torch.Tensor, probabilities: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         token_scores = token_router_scores(probabilities)
-        scores = torch.as_tensor(self.ensemble.decision_function(activations, token_scores)).detach().cpu()
-        harmful = torch.as_tensor(self.ensemble.predict(activations, token_scores)).detach().cpu().bool()
-        category_probabilities = (probabilities[:, :-1] if self.category_source == "token"
-                                  else _head_probabilities(self.ensemble, activations, self.categories))  # fmt: skip
-        return _signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
-                              self.negative_strength)
+        scores = torch.as_tensor(self.probe.decision_function(activations, token_scores)).detach().cpu()
+        harmful = torch.as_tensor(self.probe.predict(activations, token_scores)).detach().cpu().bool()
+        return scores, harmful
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
-                "threshold": float(getattr(self.ensemble, "threshold", float("nan"))),
-                "ensemble_sha256": tensor_fingerprint(self.ensemble),
+                "threshold": float(getattr(self.probe, "threshold", float("nan"))),
+                "ensemble_sha256": tensor_fingerprint(self.probe),
                 "positive_strength": self.positive_strength, "negative_strength": self.negative_strength,
                 "category_source": self.category_source, "category_set": self.category_set.name}  # fmt: skip
 
