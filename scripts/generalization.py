@@ -25,6 +25,11 @@ Protocol, for each held-out source S:
   a probe's sign, so it is compared as a steering condition (:func:`steering_generalization`).
   :func:`multi_layer_probe_router` routes steering with the multi-layer probe, which
   :func:`scripts.steering.probe_router` (one layer) cannot.
+* **Look-alike data curve** (:func:`source_shot_pool`, :func:`add_source_shots`, :func:`data_curve_summary`):
+  how many prompts of a held-out source the router and vectors need before routed steering meets the
+  targets on the rest of it. The first ``k`` prompts of the source that are off the fold (a seeded
+  order, near-duplicates of the fold excluded) join its training and validation sides; the test side,
+  and so the prompts measured, stays the same for every ``k``.
 * **Intervals.** ROC-AUC intervals are stratified percentile bootstraps (:func:`bootstrap_auc_interval`);
   rate intervals are Wilson intervals (:func:`scripts.report.rate_summary`).
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +67,12 @@ from scripts.steering import (
     DEFAULT_KIND,
     PAPER_NEGATIVE_STRENGTH,
     PAPER_POSITIVE_STRENGTH,
+    ROUTINGS,
     Condition,
     Route,
+    categorical,
+    probe_router,
+    probe_token_router,
     refusal_token_probabilities,
     tensor_fingerprint,
 )
@@ -394,6 +404,54 @@ def fold_steering_vectors(
     )  # fmt: skip
 
 
+def fold_steering_condition(
+    acts: torch.Tensor,
+    records: Sequence[PromptRecord],
+    split: SourceSplit,
+    layer: int,
+    routing: str = "probe+token",
+    token_scores: torch.Tensor | None = None,
+    category_set: CategorySet = DONOTANSWER_CATEGORIES,
+    positive_strength: float = PAPER_POSITIVE_STRENGTH,
+    negative_strength: float = PAPER_NEGATIVE_STRENGTH,
+    threshold_method: str = "youden",
+    hook_kind: str = "resid_post",
+    model: str = "",
+    name: str = "probe_routed_steering",
+) -> Condition:
+    """Probe-routed categorical steering of one fold: probe, router and vectors fitted on its training side only.
+
+    The probe at ``layer`` is fitted on ``split.train`` with its threshold chosen on ``split.val``
+    (:func:`fit_fold_probes`); with ``routing="probe+token"`` it is averaged with the model's token score
+    (:func:`fit_fold_ensemble`, also on ``split.val``). The vectors are :func:`fold_steering_vectors`.
+    The category of each row is the model's most likely refusal token (``category_source="token"``).
+
+    Args:
+        acts: ``[N, d_model]`` activations at ``layer``, rows aligned with ``records``.
+        routing: One of :data:`scripts.steering.ROUTINGS`.
+        token_scores: ``[N]`` token scores of the same rows (:func:`scripts.steering.token_router_scores`);
+            needed for ``probe+token``.
+
+    Raises:
+        ValueError: an unknown ``routing``, or ``probe+token`` without ``token_scores``.
+    """
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r}; valid: {list(ROUTINGS)}")
+    if routing == "probe+token" and token_scores is None:
+        raise ValueError("routing 'probe+token' needs the token scores of the rows")
+    probes, _ = fit_fold_probes({layer: acts}, records, split, [layer], threshold_method=threshold_method,
+                                hook_kind=hook_kind)  # fmt: skip
+    vectors = fold_steering_vectors(acts, records, split, layer, category_set, hook_kind, model)
+    if routing == "probe+token":
+        ensemble = fit_fold_ensemble(probes[layer], acts, token_scores, records, split, threshold_method)
+        router = probe_token_router(ensemble, category_set, positive_strength=positive_strength,
+                                    negative_strength=negative_strength, category_source="token")  # fmt: skip
+    else:
+        router = probe_router(probes[layer], layer, category_set, positive_strength=positive_strength,
+                              negative_strength=negative_strength, category_source="token", kind=hook_kind)  # fmt: skip
+    return categorical(vectors, router, layer, kind=hook_kind, name=name)
+
+
 def probe_generalization(
     acts_by_layer: Mapping[int, torch.Tensor],
     records: Sequence[PromptRecord],
@@ -708,6 +766,142 @@ def steering_targets(
                     checks["harmful_refusal_kept"] = rate >= reference - max_refusal_drop if known else None
             targets.setdefault(name, {})[source] = checks
     return targets
+
+
+# ---------------------------------------------------------------------------------------------------
+# Look-alike data curve: how many prompts of a held-out source would routed steering need?
+# ---------------------------------------------------------------------------------------------------
+
+
+def source_shot_pool(records: Sequence[PromptRecord], split: SourceSplit, seed: int = 0) -> list[PromptRecord]:
+    """Prompts of the fold's held-out source that are on none of its sides, in a seeded order.
+
+    These are the "shots" :func:`add_source_shots` moves into a fold to ask how many prompts of the
+    source the router and the vectors need. A record qualifies when it is of ``split.source``, its id is
+    not in the fold and its normalised text (:func:`scripts.data_splits.normalize_text`) is on no side of
+    the fold; of records sharing a normalised text the first is kept. The order is a shuffle by
+    ``random.Random(f"{seed}|shots|{split.source}")``, so the first ``k`` shots of a larger count include
+    those of a smaller one.
+    """
+    in_fold = [*split.train, *split.val, *split.test]
+    ids = {record.id for record in in_fold}
+    seen = {normalize_text(record.prompt) for record in in_fold}
+    pool = []
+    for record in records:
+        text = normalize_text(record.prompt)
+        if record.source == split.source and record.id not in ids and text not in seen:
+            pool.append(record)
+            seen.add(text)
+    random.Random(f"{seed}|shots|{split.source}").shuffle(pool)
+    return pool
+
+
+def add_source_shots(
+    split: SourceSplit, shots: Sequence[PromptRecord], n_shots: int, val_fraction: float = 0.2
+) -> SourceSplit:
+    """The fold with the first ``n_shots`` of ``shots`` added to its validation and training sides.
+
+    The first ``round(val_fraction · n_shots)`` shots go to validation, the others to training. The test
+    side is unchanged, so a curve over ``n_shots`` measures the same held-out prompts.
+
+    Args:
+        shots: Prompts of ``split.source`` off the fold (e.g. :func:`source_shot_pool`).
+
+    Raises:
+        ValueError: ``n_shots`` outside ``[0, len(shots)]``, ``val_fraction`` outside ``[0, 1]``, a shot
+            of another source, or a shot whose id or normalised text is already in the fold.
+    """
+    if not 0 <= n_shots <= len(shots):
+        raise ValueError(f"n_shots must be in [0, {len(shots)}] (the shots available), got {n_shots}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+    chosen = list(shots[:n_shots])
+    foreign = sorted({record.source for record in chosen if record.source != split.source})
+    if foreign:
+        raise ValueError(f"shots must be prompts of {split.source!r}; got prompts of {foreign}")
+    in_fold = [*split.train, *split.val, *split.test]
+    ids, texts = {record.id for record in in_fold}, {normalize_text(record.prompt) for record in in_fold}
+    clash = [record.id for record in chosen if record.id in ids or normalize_text(record.prompt) in texts]
+    if clash:
+        raise ValueError(
+            f"{len(clash)} shots are already in the fold or duplicate one of its prompts (e.g. {clash[0]!r})"
+        )
+    n_val = round(val_fraction * n_shots)
+    return SourceSplit(split.source, split.train + chosen[n_val:], split.val + chosen[:n_val], split.test)
+
+
+def data_curve_summary(
+    source: str,
+    rates: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    points: Mapping[str, Mapping[str, Any]],
+    base_condition: str = "base",
+    over_refusal_factor: float = DEFAULT_OVER_REFUSAL_FACTOR,
+    max_refusal_drop: float = DEFAULT_MAX_REFUSAL_DROP,
+) -> dict[str, Any]:
+    """The steering targets of each point of a data curve, and the fewest shots meeting them per routing.
+
+    Args:
+        source: The held-out source the curve adds shots of.
+        rates: Condition → label → rate (one source of :func:`steering_generalization`); must hold
+            ``base_condition`` and every condition of ``points``.
+        points: Condition → its description, at least ``{"routing": str, "shots": int}`` (kept in the output).
+
+    Returns:
+        ``{"source", "base": rates of the base condition, "points": [{**description, "condition",
+        "rates", "over_refusal_reduced", "harmful_refusal_kept", "met"}], "shots_needed": {routing:
+        fewest shots of a point meeting every target, or None}, "targets": {...}}``; points in the order
+        given; ``met`` is None when a target could not be decided (no verdict).
+
+    Raises:
+        KeyError: a condition of ``points`` or the base condition is missing from ``rates``.
+    """
+    missing = [name for name in [base_condition, *points] if name not in rates]
+    if missing:
+        raise KeyError(f"no rates for conditions {missing}; have {sorted(rates)}")
+    checks = steering_targets({source: {name: rates[name] for name in [base_condition, *points]}}, base_condition,
+                              over_refusal_factor, max_refusal_drop)  # fmt: skip
+    entries = []
+    shots_needed: dict[str, int | None] = {}
+    for name, description in points.items():
+        point_checks = checks.get(name, {}).get(source, {})
+        values = list(point_checks.values())
+        met = None if None in values or not values else all(values)
+        entries.append({**description, "condition": name, "rates": dict(rates[name]),
+                        "over_refusal_reduced": point_checks.get("over_refusal_reduced"),
+                        "harmful_refusal_kept": point_checks.get("harmful_refusal_kept"), "met": met})  # fmt: skip
+        routing, shots = description["routing"], int(description["shots"])
+        shots_needed.setdefault(routing, None)
+        if met and (shots_needed[routing] is None or shots < shots_needed[routing]):
+            shots_needed[routing] = shots
+    return {
+        "source": source,
+        "base": dict(rates[base_condition]),
+        "points": entries,
+        "shots_needed": shots_needed,
+        "targets": {"over_refusal_factor": over_refusal_factor, "max_refusal_drop": max_refusal_drop},
+    }
+
+
+def format_data_curve_table(curve: Mapping[str, Any]) -> str:
+    """A :func:`data_curve_summary` as a plain-text table: one row per routing and shot count."""
+    base = curve["base"]
+    labels = sorted(base)
+    header = f"{'routing':12s} {'shots':>5s} " + " ".join(f"{metric_name(label):>24s}" for label in labels)
+    lines = [f"held-out source {curve['source']}; unsteered: "
+             + ", ".join(f"{metric_name(label)} {format_rate(base[label]['rate'])}" for label in labels), header]
+    for point in curve["points"]:
+        cells = []
+        for label in labels:
+            summary = point["rates"].get(label, {})
+            interval = summary.get("ci") or [None, None]
+            cells.append(f"{format_rate(summary.get('rate'))} [{format_rate(interval[0])}, {format_rate(interval[1])}]")
+        met = {True: "met", False: "not met", None: "?"}[point["met"]]
+        lines.append(f"{point['routing']:12s} {point['shots']:5d} " + " ".join(f"{cell:>24s}" for cell in cells)
+                     + f"  {met}")
+    needed = ", ".join(f"{routing}: {'none measured' if shots is None else shots}"
+                       for routing, shots in curve["shots_needed"].items())  # fmt: skip
+    lines.append(f"fewest shots meeting the steering targets: {needed}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ class RunConfig:
             kind: One of ``config``, ``activations``, ``vectors``, ``probe``, ``router`` (the probe+token
                 ensemble, when the run routes with it), ``low_rank``,
                 ``generations``, ``judge``, ``report``, ``summary``, ``figure``, ``notebook``, ``generalization``
-                (the directory of the leave-one-source-out generations).
+                (the directory of the leave-one-source-out generations), ``data_curve`` (the directory of
+                the look-alike data curve's generations).
             name: Sub-name where a kind has several (activation set, condition, judge, figure).
 
         Raises:
@@ -97,6 +98,7 @@ class RunConfig:
             "figure": ("figures/{name}.png", True),
             "notebook": ("refusal_tokens.executed.ipynb", False),
             "generalization": ("generalization", False),
+            "data_curve": ("data_curve", False),
         }
         if kind not in layouts:
             raise ValueError(f"unknown artifact kind {kind!r}; known kinds: {sorted(layouts)}")

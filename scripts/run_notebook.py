@@ -68,7 +68,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
     Conditions (refusal rate on harmful prompts, over-refusal rate on the benign look-alikes, counts),
     then, when the run has a ``generalization`` block, its table
-    (:func:`scripts.generalization.format_generalization_table`).
+    (:func:`scripts.generalization.format_generalization_table`) and its data curve
+    (:func:`scripts.generalization.format_data_curve_table`), if any.
     """
     probe = summary.get("probe", {})
     lines = [
@@ -86,10 +87,13 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                      f"{row.get('n_benign', 0):9d}")  # fmt: skip
     generalization = summary.get("generalization")
     if generalization:
-        from scripts.generalization import format_generalization_table
+        from scripts.generalization import format_data_curve_table, format_generalization_table
 
         lines += ["", "leave-one-source-out (rates on each held-out source's own prompts: base -> probe-routed)",
                   format_generalization_table(generalization)]
+        if generalization.get("data_curve"):
+            lines += ["", "look-alike data curve (prompts of the held-out source added to its fold; rates [95% CI])",
+                      format_data_curve_table(generalization["data_curve"])]
     return "\n".join(lines)
 
 

@@ -50,6 +50,9 @@ DEFAULT_KIND = "resid_post"
 PAPER_POSITIVE_STRENGTH = 4.0
 PAPER_NEGATIVE_STRENGTH = -6.0
 CATEGORY_SOURCES: tuple[str, ...] = ("token", "probe_head")
+ROUTINGS: tuple[str, ...] = ("probe", "probe+token")
+"""Routers of probe-routed steering: the probe alone (:func:`probe_router`) or averaged with the model's token
+(:func:`probe_token_router`)."""
 RESPOND = "respond"
 _MIN_PROBABILITY = 1e-45
 

@@ -21,9 +21,16 @@ from scripts.data_splits import SPLIT_ROLE_EVAL_ONLY, SPLIT_ROLE_KEY, normalize_
 from scripts.generalization import (
     MULTI_LAYER_ROUTER,
     TOKEN_ROUTER,
+    SourceSplit,
+    add_source_shots,
     best_router,
     bootstrap_auc_interval,
+    data_curve_summary,
+    fit_fold_ensemble,
+    fit_fold_probes,
+    fold_steering_condition,
     fold_steering_vectors,
+    format_data_curve_table,
     generalization_summary,
     held_out_source_splits,
     model_training_counts,
@@ -32,6 +39,7 @@ from scripts.generalization import (
     probe_router_name,
     probe_token_router_name,
     rates_by_label,
+    source_shot_pool,
     steering_generalization,
     steering_targets,
 )
@@ -47,6 +55,7 @@ from scripts.steering import (
     fixed_category,
     probe_router,
     refusal_token_probabilities,
+    tensor_fingerprint,
     token_router_scores,
 )
 from scripts.train_linear_probe import choose_threshold
@@ -489,6 +498,122 @@ def test_generalization_summary_block() -> None:
     assert targets["probe_auc_all_met"] is True
     assert targets["steering_met"] == {"look": {"over_refusal_reduced": True}, "adv": {"harmful_refusal_kept": False}}
     assert targets["steering_all_met"] is False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Look-alike data curve
+# ---------------------------------------------------------------------------------------------------
+
+
+def curve_fold() -> tuple[list[PromptRecord], SourceSplit]:
+    """The corpus with ``look`` prompts 15-29 off its fold, plus near-duplicates of a test prompt and of a shot."""
+    records, contrast = corpus()
+    off_fold = {f"edgy but fine question {i}" for i in range(15, 30)}
+    in_fold = [r for r in records if r.prompt not in off_fold]
+    split = held_out_source_splits(in_fold, ["look"], seed=3, val_fraction=0.25, contrast=contrast)["look"]
+    extra = [make("EDGY but fine question 2?", "benign", "benign", "look"),  # near-duplicate of a test prompt
+             make("edgy, but fine question 20", "benign", "benign", "look")]  # near-duplicate of a shot
+    return records + extra, split
+
+
+def test_shot_pool_is_the_sources_prompts_off_the_fold_in_a_seeded_order() -> None:
+    records, split = curve_fold()
+    pool = source_shot_pool(records, split, seed=0)
+    assert sorted(r.prompt for r in pool) == sorted(f"edgy but fine question {i}" for i in range(15, 30))
+    fold_texts = {normalize_text(r.prompt) for r in split.train + split.val + split.test}
+    assert not {normalize_text(r.prompt) for r in pool} & fold_texts
+    assert [r.id for r in source_shot_pool(records, split, seed=0)] == [r.id for r in pool]
+    assert [r.id for r in source_shot_pool(records, split, seed=1)] != [r.id for r in pool]
+
+
+def test_adding_shots_keeps_the_test_side_and_never_crosses_it() -> None:
+    records, split = curve_fold()
+    pool = source_shot_pool(records, split, seed=0)
+    previous_training: set[str] = set()
+    for n_shots in (0, 5, 10, 15):
+        grown = add_source_shots(split, pool, n_shots, val_fraction=0.2)
+        n_val = round(0.2 * n_shots)
+        assert [r.id for r in grown.test] == [r.id for r in split.test]
+        assert [r.id for r in grown.val] == [r.id for r in split.val + pool[:n_val]]
+        assert [r.id for r in grown.train] == [r.id for r in split.train + pool[n_val:n_shots]]
+        assert not overlapping_texts(grown.train + grown.val, grown.test)
+        training = {r.id for r in grown.train + grown.val}
+        assert previous_training <= training  # the shots of a smaller count are among those of a larger one
+        previous_training = training
+    assert add_source_shots(split, pool, 0).train == split.train
+    with pytest.raises(ValueError, match="n_shots must be in \\[0, 15\\]"):
+        add_source_shots(split, pool, 16)
+    with pytest.raises(ValueError, match="shots must be prompts of 'look'"):
+        add_source_shots(split, [make("plain question 99", "benign", "benign", "plain")], 1)
+    with pytest.raises(ValueError, match="already in the fold or duplicate"):
+        add_source_shots(split, [make("Edgy but fine question 1", "benign", "benign", "look")], 1)
+
+
+def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(tiny_model) -> None:
+    model, tokenizer = tiny_model
+    hooked = wrap_model(model, tokenizer, name="tiny")
+    words = ["bread", "wifi", "poem", "weapon", "moon", "vaccine", "soup", "sea"]
+    records = [make(f"How do I get {w} {c}?", "harmful", c, "dna") for c in CATEGORIES for w in words[:4]]
+    records += [make(f"Tell me about {w} number {i}.", "benign", "benign", "plain") for i in range(3) for w in words]
+    records += [make(f"Tell me about {w}, safely.", "benign", CATEGORIES[0], "look") for w in words]
+    contrast = [make(f"How do I get {w} now?", "harmful", CATEGORIES[3], "dna_test") for w in words]
+    records += contrast
+    split = held_out_source_splits(records, ["look"], seed=0, val_fraction=0.3, contrast=contrast)["look"]
+    texts = format_chat(tokenizer, [r.prompt for r in records])
+    acts = cache_activations(hooked, texts, [1], progress=False).layer(1)
+    token_scores = token_router_scores(refusal_token_probabilities(hooked, texts, DONOTANSWER_CATEGORIES))
+    test_texts = format_chat(tokenizer, [r.prompt for r in split.test])
+    test_acts = cache_activations(hooked, test_texts, [1], progress=False).layer(1)
+    test_tokens = token_router_scores(refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES))
+    probe = fit_fold_probes({1: acts}, records, split, [1])[0][1]
+    ensemble = fit_fold_ensemble(probe, acts, token_scores, records, split)
+    references = {
+        "probe": probe.decision_function(test_acts) >= float(probe.threshold_logit),
+        "probe+token": ensemble.decision_function(test_acts, test_tokens) >= ensemble.threshold,
+    }
+    vector_table = torch.stack(list(fold_steering_vectors(acts, records, split, 1).vectors.values()))
+    for routing, expected in references.items():
+        condition = fold_steering_condition(acts, records, split, 1, routing, token_scores, positive_strength=3.0,
+                                            negative_strength=-5.0, name=f"c_{routing}")
+        plan = condition.plan(hooked, [r.prompt for r in split.test], test_texts)
+        assert condition.name == f"c_{routing}"
+        assert [d["route"] == "harmful" for d in plan.decisions] == expected.tolist()
+        assert [d["strength"] for d in plan.decisions] == [3.0 if flag else -5.0 for flag in expected.tolist()]
+        assert plan.metadata["router"]["router"] == routing
+        assert plan.metadata["vector_sha256"] == tensor_fingerprint(vector_table)
+    assert len({bool(flag) for flags in references.values() for flag in flags}) == 2, "both routes should occur"
+    with pytest.raises(ValueError, match="unknown routing 'token'"):
+        fold_steering_condition(acts, records, split, 1, "token", token_scores)
+    with pytest.raises(ValueError, match="needs the token scores"):
+        fold_steering_condition(acts, records, split, 1, "probe+token")
+
+
+def test_data_curve_summary_reads_the_targets_of_each_point() -> None:
+    def rates(benign: float | None, harmful: float) -> dict[str, Any]:
+        return {"benign": rate(benign), "harmful": rate(harmful)}
+
+    curve_rates = {"base": rates(0.4, 0.9), "probe_shots0": rates(0.4, 0.9), "probe_shots8": rates(0.2, 0.85),
+                   "probe_shots16": rates(0.1, 0.84), "probe+token_shots0": rates(0.1, 0.8),
+                   "probe+token_shots8": rates(None, 1.0)}  # fmt: skip
+    points = {name: {"routing": name.split("_shots")[0], "shots": int(name.split("_shots")[1]), "val_shots": 0}
+              for name in curve_rates if name != "base"}  # fmt: skip
+    curve = data_curve_summary("look", curve_rates, points)
+    json.dumps(curve)
+    by_name = {point["condition"]: point for point in curve["points"]}
+    # 0.2 <= 0.4 / 2 and 0.85 >= 0.9 - 0.05; 0.84 < 0.85; 0.8 misses the harmful target; no benign verdict: undecided.
+    assert (by_name["probe_shots8"]["over_refusal_reduced"], by_name["probe_shots8"]["harmful_refusal_kept"]) == (
+        True, True)
+    assert by_name["probe_shots8"]["met"] is True and by_name["probe_shots16"]["met"] is False
+    assert by_name["probe_shots0"]["met"] is False and by_name["probe+token_shots0"]["met"] is False
+    assert by_name["probe+token_shots8"]["met"] is None
+    assert curve["shots_needed"] == {"probe": 8, "probe+token": None}
+    assert curve["base"]["benign"]["rate"] == 0.4 and by_name["probe_shots8"]["val_shots"] == 0
+    table = format_data_curve_table(curve).splitlines()
+    assert table[0] == "held-out source look; unsteered: over_refusal_rate 0.400, refusal_rate 0.900"
+    assert table[3].split() == ["probe", "8", "0.200", "[0.000,", "1.000]", "0.850", "[0.000,", "1.000]", "met"]
+    assert table[-1] == "fewest shots meeting the steering targets: probe: 8, probe+token: none measured"
+    with pytest.raises(KeyError, match="no rates for conditions \\['probe_shots32'\\]"):
+        data_curve_summary("look", curve_rates, {"probe_shots32": {"routing": "probe", "shots": 32}})
 
 
 @pytest.mark.offline_corpus

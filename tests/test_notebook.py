@@ -55,4 +55,11 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
     # The default router (probe + the model's token) routed both the main condition and each fold's steering.
     assert summary["routing"]["router"] == "probe+token"
     assert generalization["steering_router"] == f"probe_L{summary['layer']}+token"
+    # The data curve: both routers at 0 and 8 added over-refusal prompts, on 4 held-out prompts per label.
+    curve = generalization["data_curve"]
+    assert curve["source"] == "rho_overrefusal" and set(curve["shots_needed"]) == {"probe", "probe+token"}
+    assert [(p["routing"], p["shots"], p["val_shots"]) for p in curve["points"]] == [
+        ("probe", 0, 0), ("probe+token", 0, 0), ("probe", 8, 2), ("probe+token", 8, 2)]
+    assert all(p["rates"][label]["n"] == 4 for p in curve["points"] for label in ("benign", "harmful"))
+    assert (run_dir / "figures" / "data_curve.png").read_bytes().startswith(b"\x89PNG")
 

@@ -53,3 +53,23 @@ def test_format_summary_without_generalization_block_prints_conditions_only() ->
     text = format_summary({"model": "m", "layer": 3, "judge": "token", "probe": {"auc": 0.5}, "conditions": ["base"],
                            "base": _condition(0.1, 0.2)})
     assert "leave-one-source-out" not in text and text.splitlines()[-1].split() == ["base", "0.100", "0.200", "60", "80"]
+
+
+def test_format_summary_prints_the_data_curve_after_the_held_out_table() -> None:
+    from scripts.generalization import data_curve_summary
+
+    def rates(benign: float, harmful: float) -> dict:
+        return {label: {"rate": value, "ci": [value / 2, (1 + value) / 2], "n": 16, "k": 0, "n_errors": 0}
+                for label, value in (("benign", benign), ("harmful", harmful))}
+
+    curve = data_curve_summary("rho_overrefusal", {"base": rates(0.25, 1.0), "probe_shots64": rates(0.0625, 1.0)},
+                               {"probe_shots64": {"routing": "probe", "shots": 64, "val_shots": 13}})
+    summary = {"model": "m", "layer": 3, "judge": "phrase", "probe": {"auc": 0.5}, "conditions": ["base"],
+               "base": _condition(0.1, 0.2),
+               "generalization": {"best_probe_router": "probe_L3", "best_router": "probe_L3", "router_mean_auc": {},
+                                  "sources": {}, "data_curve": curve}}
+    lines = format_summary(summary).splitlines()
+    start = lines.index("look-alike data curve (prompts of the held-out source added to its fold; rates [95% CI])")
+    assert lines[start + 1] == "held-out source rho_overrefusal; unsteered: over_refusal_rate 0.250, refusal_rate 1.000"
+    assert lines[start + 3].split() == ["probe", "64", "0.062", "[0.031,", "0.531]", "1.000", "[0.500,", "1.000]", "met"]
+    assert lines[-1] == "fewest shots meeting the steering targets: probe: 64"
