@@ -15,13 +15,22 @@ import pytest
 import torch
 
 from scripts.activation_caching import cache_activations
+from scripts.generalization import fold_steering_condition, held_out_source_splits
 from scripts.layer_selection import best_strengths, sweep_layers
 from scripts.linear_probe import LinearProbe
 from scripts.low_rank_combination import fit_whitening, steering_basis
 from scripts.low_rank_combination_steering import LowRankCombinationSteering
-from scripts.model import generate_ids
+from scripts.model import format_chat, generate_ids
+from scripts.records import PromptRecord
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES as CATEGORIES
-from scripts.steering import per_row_batch_hook, probe_router, refusal_token_probabilities, steer
+from scripts.steering import (
+    ROUTINGS,
+    per_row_batch_hook,
+    probe_router,
+    refusal_token_probabilities,
+    steer,
+    token_router_scores,
+)
 from scripts.train_low_rank_combination_steering import TrainingConfig, train_low_rank_combination
 from tests.tiny_steering import PROMPTS, build_hooked_tiny, tiny_texts
 
@@ -132,3 +141,31 @@ def test_low_rank_training_runs_on_cuda_and_steers(pair, tmp_path):
     assert len(result.history) == 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_fold_steering_conditions_plan_alike(pair):
+    """The leave-one-source-out / data-curve conditions (fitted on CPU activations) route alike on the device."""
+    cpu, gpu = pair
+    words = ["bread", "wifi", "poem", "weapon", "moon", "soup"]
+    records = [PromptRecord(prompt=f"How do I get {w} {c}?", label="harmful", category=c, source="harm")
+               for c in CATEGORIES.categories for w in words[:3]]
+    records += [PromptRecord(prompt=f"Tell me about {w} number {i}.", label="benign", category="benign",
+                             source="plain") for i in range(2) for w in words]
+    records += [PromptRecord(prompt=f"Tell me about {w}, safely.", label="benign", category="benign", source="look")
+                for w in words]
+    contrast = [PromptRecord(prompt=f"How do I get {w} now?", label="harmful", category="malicious_uses",
+                             source="harm_test") for w in words]
+    records += contrast
+    split = held_out_source_splits(records, ["look"], seed=0, val_fraction=0.3, contrast=contrast)["look"]
+    texts = format_chat(cpu.tokenizer, [r.prompt for r in records])
+    acts = cache_activations(cpu, texts, LAYER, batch_size=4, progress=False).layer(LAYER)
+    token_scores = token_router_scores(refusal_token_probabilities(cpu, texts, CATEGORIES, batch_size=4))
+    test_prompts = [r.prompt for r in split.test]
+    test_texts = format_chat(cpu.tokenizer, test_prompts)
+    for routing in ROUTINGS:
+        condition = fold_steering_condition(acts, records, split, LAYER, routing, token_scores, CATEGORIES)
+        plans = [condition.plan(hooked, test_prompts, test_texts) for hooked in (cpu, gpu)]
+        keys = ("route", "routed_category", "strength")
+        assert [[d[k] for k in keys] for d in plans[1].decisions] == [[d[k] for k in keys] for d in plans[0].decisions]
+        for on_gpu, on_cpu in zip(plans[1].decisions, plans[0].decisions):
+            assert on_gpu["probe_score"] == pytest.approx(on_cpu["probe_score"], abs=1e-4)
