@@ -63,3 +63,14 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
     assert all(p["rates"][label]["n"] == 4 for p in curve["points"] for label in ("benign", "harmful"))
     assert (run_dir / "figures" / "data_curve.png").read_bytes().startswith(b"\x89PNG")
 
+
+
+def test_notebook_rejects_a_data_curve_source_that_is_not_held_out_before_any_work(tmp_path):
+    import papermill
+
+    parameters = {**FAST_PARAMETERS, "generalization_sources": ["harmbench"], "data_curve_source": "rho_bbq"}
+    with pytest.raises(papermill.PapermillExecutionError, match="data_curve_source 'rho_bbq' is not held out"):
+        run_notebook(parameters, results_root=tmp_path)
+    executed = json.loads((tmp_path / "fast" / "refusal_tokens.executed.ipynb").read_text())
+    ran = [cell for cell in executed["cells"] if cell["cell_type"] == "code" and cell.get("execution_count")]
+    assert len(ran) == 3  # the parameters, the injected parameters and the set-up cell: nothing was loaded
