@@ -883,10 +883,16 @@ def data_curve_summary(
 
 
 def format_data_curve_table(curve: Mapping[str, Any]) -> str:
-    """A :func:`data_curve_summary` as a plain-text table: one row per routing and shot count."""
+    """A :func:`data_curve_summary` as a plain-text table: one row per routing and shot count.
+
+    Points that carry ``routed_toward_refusal`` (the share of the source's prompts their router sends
+    toward refusal) get it in a last column.
+    """
     base = curve["base"]
     labels = sorted(base)
+    routed = any("routed_toward_refusal" in point for point in curve["points"])
     header = f"{'routing':12s} {'shots':>5s} " + " ".join(f"{metric_name(label):>24s}" for label in labels)
+    header += f"  {'met':7s} {'to refusal':>10s}" if routed else ""
     lines = [f"held-out source {curve['source']}; unsteered: "
              + ", ".join(f"{metric_name(label)} {format_rate(base[label]['rate'])}" for label in labels), header]
     for point in curve["points"]:
@@ -896,8 +902,9 @@ def format_data_curve_table(curve: Mapping[str, Any]) -> str:
             interval = summary.get("ci") or [None, None]
             cells.append(f"{format_rate(summary.get('rate'))} [{format_rate(interval[0])}, {format_rate(interval[1])}]")
         met = {True: "met", False: "not met", None: "?"}[point["met"]]
-        lines.append(f"{point['routing']:12s} {point['shots']:5d} " + " ".join(f"{cell:>24s}" for cell in cells)
-                     + f"  {met}")
+        row = f"{point['routing']:12s} {point['shots']:5d} " + " ".join(f"{cell:>24s}" for cell in cells)
+        share = format_rate(point.get("routed_toward_refusal"))
+        lines.append(f"{row}  {met:7s} {share:>10s}" if routed else f"{row}  {met}")
     needed = ", ".join(f"{routing}: {'none measured' if shots is None else shots}"
                        for routing, shots in curve["shots_needed"].items())  # fmt: skip
     lines.append(f"fewest shots meeting the steering targets: {needed}")

@@ -61,6 +61,9 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
     assert [(p["routing"], p["shots"], p["val_shots"]) for p in curve["points"]] == [
         ("probe", 0, 0), ("probe+token", 0, 0), ("probe", 8, 2), ("probe+token", 8, 2)]
     assert all(p["rates"][label]["n"] == 4 for p in curve["points"] for label in ("benign", "harmful"))
+    # Routing shares are over all 24 held-out over-refusal prompts of the fast pool.
+    assert all((p["routed_label"], p["n_routed"]) == ("benign", 24) for p in curve["points"])
+    assert all(0.0 <= p["routed_toward_refusal"] <= 1.0 for p in curve["points"])
     assert (run_dir / "figures" / "data_curve.png").read_bytes().startswith(b"\x89PNG")
 
 

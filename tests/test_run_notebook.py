@@ -63,7 +63,8 @@ def test_format_summary_prints_the_data_curve_after_the_held_out_table() -> None
                 for label, value in (("benign", benign), ("harmful", harmful))}
 
     curve = data_curve_summary("rho_overrefusal", {"base": rates(0.25, 1.0), "probe_shots64": rates(0.0625, 1.0)},
-                               {"probe_shots64": {"routing": "probe", "shots": 64, "val_shots": 13}})
+                               {"probe_shots64": {"routing": "probe", "shots": 64, "val_shots": 13,
+                                                  "routed_toward_refusal": 0.05}})
     summary = {"model": "m", "layer": 3, "judge": "phrase", "probe": {"auc": 0.5}, "conditions": ["base"],
                "base": _condition(0.1, 0.2),
                "generalization": {"best_probe_router": "probe_L3", "best_router": "probe_L3", "router_mean_auc": {},
@@ -71,5 +72,7 @@ def test_format_summary_prints_the_data_curve_after_the_held_out_table() -> None
     lines = format_summary(summary).splitlines()
     start = lines.index("look-alike data curve (prompts of the held-out source added to its fold; rates [95% CI])")
     assert lines[start + 1] == "held-out source rho_overrefusal; unsteered: over_refusal_rate 0.250, refusal_rate 1.000"
-    assert lines[start + 3].split() == ["probe", "64", "0.062", "[0.031,", "0.531]", "1.000", "[0.500,", "1.000]", "met"]
+    assert lines[start + 2].split()[-3:] == ["met", "to", "refusal"]
+    assert lines[start + 3].split() == ["probe", "64", "0.062", "[0.031,", "0.531]", "1.000", "[0.500,", "1.000]", "met",
+                                        "0.050"]
     assert lines[-1] == "fewest shots meeting the steering targets: probe: 64"
