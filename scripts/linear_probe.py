@@ -271,10 +271,7 @@ class _Thresholded:
 
     def set_threshold_logit(self, threshold: float) -> Self:
         """Set the decision threshold on the logit scale (harmful when ``logit >= threshold``)."""
-        if not np.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}")
-        with torch.no_grad():
-            self.threshold_logit.fill_(float(threshold))
+        _fill_threshold(self.threshold_logit, threshold)
         return self
 
     @property
@@ -664,10 +661,7 @@ class ProbeTokenEnsemble(torch.nn.Module):
 
     def set_threshold(self, threshold: float) -> Self:
         """Set the decision threshold on the ensemble score's scale."""
-        if not np.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}")
-        with torch.no_grad():
-            self.threshold.fill_(float(threshold))
+        _fill_threshold(self.threshold, threshold)
         return self
 
     def decision_function(self, features: ArrayLike, token_scores: ArrayLike) -> torch.Tensor:
@@ -714,6 +708,14 @@ class ProbeTokenEnsemble(torch.nn.Module):
         probe.fitted = True
         ensemble.fitted = True
         return ensemble
+
+
+def _fill_threshold(buffer: torch.Tensor, threshold: float) -> None:
+    """Write a finite decision threshold into a scalar buffer (a NaN or infinite one would route every row alike)."""
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    with torch.no_grad():
+        buffer.fill_(float(threshold))
 
 
 def _sigmoid(value: float) -> float:

@@ -256,6 +256,12 @@ def test_probe_token_ensemble_averages_standardised_scores_and_round_trips(tmp_p
         ensemble.fit(features, torch.full_like(token, float("inf")))
     with pytest.raises(RuntimeError, match="not fitted"):
         ProbeTokenEnsemble(probe).decision_function(features, token)
+    # A non-finite threshold is refused by the ensemble and the probe alike, and leaves the old one in place.
+    with pytest.raises(ValueError, match="threshold must be finite, got nan"):
+        ensemble.set_threshold(float("nan"))
+    with pytest.raises(ValueError, match="threshold must be finite, got inf"):
+        probe.set_threshold_logit(float("inf"))
+    assert float(ensemble.threshold) == 0.25 and np.isfinite(float(probe.threshold_logit))
     with pytest.raises(ValueError, match="holds a 'probe_token_ensemble'"):
         LinearProbe.load(tmp_path / "router.safetensors")
 
