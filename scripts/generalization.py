@@ -74,6 +74,7 @@ from scripts.steering import (
     probe_router,
     probe_token_router,
     refusal_token_probabilities,
+    signed_routes,
     tensor_fingerprint,
 )
 from scripts.steering_vectors import SteeringVectors, build_steering_vectors, mean_difference
@@ -608,15 +609,8 @@ class MultiLayerProbeRouter:
                                    progress=False)  # fmt: skip
         scores = self.probe.predict_proba(cached.acts)
         harmful = self.probe.predict(cached.acts).bool()
-        category_probabilities = probabilities[:, :-1]
-        best = category_probabilities.argmax(dim=-1)
-        routes = []
-        for score, is_harmful, index, row in zip(scores.tolist(), harmful.tolist(), best.tolist(),
-                                                 category_probabilities):  # fmt: skip
-            info = {"probe_score": float(score), "category_probability": float(row[index])}
-            routes.append(Route("harmful" if is_harmful else "benign", self.categories[index],
-                                self.positive_strength if is_harmful else self.negative_strength, info))  # fmt: skip
-        return routes
+        return signed_routes(self.categories, scores, harmful, probabilities[:, :-1], self.positive_strength,
+                             self.negative_strength)
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layers": self.probe.layers, "hook_kind": self.kind,

@@ -544,7 +544,7 @@ def _head_probabilities(probe: Any, activations: torch.Tensor, categories: Seque
     return torch.as_tensor(probe.predict_category_proba(activations)).detach().float().cpu()
 
 
-def _signed_routes(
+def signed_routes(
     categories: Sequence[str],
     scores: torch.Tensor,
     harmful: torch.Tensor,
@@ -552,7 +552,13 @@ def _signed_routes(
     positive_strength: float,
     negative_strength: float,
 ) -> list[Route]:
-    """Harmful rows toward refusal, the others away, each with its most likely category's vector."""
+    """Harmful rows toward refusal, the others away, each with its most likely category's vector.
+
+    Args:
+        scores: ``[N]`` the router's harmfulness scores (recorded as ``probe_score``).
+        harmful: ``[N]`` bool decisions.
+        category_probabilities: ``[N, C]`` over ``categories``; the argmax picks each row's vector.
+    """
     best = category_probabilities.argmax(dim=-1)
     routes = []
     for score, is_harmful, index, row in zip(scores.tolist(), harmful.tolist(), best.tolist(), category_probabilities):
@@ -600,7 +606,7 @@ class ProbeRouter:
                 f"the probe returned scores {tuple(scores.shape)} and decisions {tuple(harmful.shape)} "
                 f"for {len(texts)} texts; expected [N] and [N]"
             )
-        return _signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
+        return signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
                               self.negative_strength)
 
     def _decide(
