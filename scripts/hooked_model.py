@@ -151,12 +151,17 @@ def wrap_model(model, tokenizer, name: str | None = None) -> HookedModel:
 
     check_cache_argument(model)
     padding_side = tokenizer.padding_side
+    # The bridge picks its adapter from ``config.architectures``, which only checkpoints loaded from disk
+    # carry; a model built from its config (e.g. Gemma3ForCausalLM, whose "gemma3_text" model type the
+    # bridge does not map) is named by its own class instead.
+    overrides = None if getattr(model.config, "architectures", None) else {"architectures": [type(model).__name__]}
     bridge = TransformerBridge.boot_transformers(
         name or str(getattr(model.config, "name_or_path", "") or "model"),
         hf_model=model,
         tokenizer=tokenizer,
         device=next(model.parameters()).device,
         dtype=next(model.parameters()).dtype,
+        hf_config_overrides=overrides,
     )
     # The bridge normalises the tokenizer it is given; generation here relies on left padding.
     tokenizer.padding_side = padding_side
