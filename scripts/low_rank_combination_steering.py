@@ -68,11 +68,16 @@ class LowRankCombinationSteering(nn.Module):
             raise ValueError(f"{len(categories)} category names for a basis of rank {basis.shape[1]}")
         self.categories = list(categories)
         self.metadata: dict[str, Any] = dict(metadata or {})
-        self.U = nn.Parameter(basis.detach().clone().to(dtype))
-        self.V = nn.Parameter(basis.detach().clone().to(dtype))
-        self.register_buffer("mean", mean.detach().clone().to(dtype))
-        self.register_buffer("whitening", whitening.detach().clone().to(dtype))
-        self.register_buffer("colouring", colouring.detach().clone().to(dtype))
+        # Row-major copies whatever the inputs' strides (a QR basis is column-major): a loaded operator
+        # then has the same layout as the saved one, so both take the same matmul kernel and agree bit for bit.
+        def owned(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to(dtype).clone(memory_format=torch.contiguous_format)
+
+        self.U = nn.Parameter(owned(basis))
+        self.V = nn.Parameter(owned(basis))
+        self.register_buffer("mean", owned(mean))
+        self.register_buffer("whitening", owned(whitening))
+        self.register_buffer("colouring", owned(colouring))
 
     @classmethod
     def from_basis(
