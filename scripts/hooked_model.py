@@ -9,6 +9,7 @@ TransformerLens's and are the common language of every module here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -138,6 +139,68 @@ def check_cache_argument(model) -> None:
             return
 
 
+def _bridge_replacements(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Every place where the bridge put one of its components into ``module``'s tree.
+
+    Returns ``(parent, child name, bridge component)`` triples, outermost first. A bridge component keeps
+    the module it replaced as its ``_original_component`` child; the search continues inside that module,
+    never inside the component (whose aliases, e.g. a block's ``attn``, would list the same modules twice).
+    """
+    found = []
+    for child_name, child in module._modules.items():
+        if child is None:
+            continue
+        original = child._modules.get("_original_component")
+        if original is not None:
+            found.append((module, child_name, child))
+            found += _bridge_replacements(original)
+        else:
+            found += _bridge_replacements(child)
+    return found
+
+
+@contextlib.contextmanager
+def unwrapped_model(model) -> Iterator[object]:
+    """Put the Hugging Face modules a bridge replaced back into ``model`` for the duration of the block.
+
+    ``TransformerBridge.boot_transformers`` wraps the model in place: each block, attention, MLP, norm,
+    embedding and ``lm_head`` becomes a bridge component holding the original as ``_original_component``,
+    so ``state_dict`` keys change and every tied or aliased weight appears under several names (which
+    ``save_pretrained`` refuses as shared tensors); and a bias-free ``lm_head`` gets a zero ``bias``
+    buffer (TransformerLens's ``b_U``). Inside the block the module tree and ``state_dict`` are the plain
+    model's again, over the same parameters, and the zero bias is left out of ``state_dict``; everything
+    is restored in ``finally``, so the hooks fire again afterwards. The bridge's hooks do not fire inside
+    the block.
+    """
+    replacements = _bridge_replacements(model)
+    for parent, child_name, component in replacements:
+        parent._modules[child_name] = component._modules["_original_component"]
+    # A Linear's own bias is a parameter: a buffer named ``bias`` is the one the unembedding bridge added.
+    added_biases = [module for module in model.modules() if isinstance(module, torch.nn.Linear)
+                    and "bias" in module._buffers and "bias" not in module._non_persistent_buffers_set]
+    for module in added_biases:
+        module._non_persistent_buffers_set.add("bias")
+    try:
+        yield model
+    finally:
+        for module in added_biases:
+            module._non_persistent_buffers_set.discard("bias")
+        for parent, child_name, component in reversed(replacements):
+            parent._modules[child_name] = component
+
+
+def _save_pretrained_unwrapped(model) -> None:
+    """Make ``model.save_pretrained`` write the plain model's weights while ``model`` is wrapped by a bridge."""
+    save_pretrained = model.save_pretrained
+
+    @functools.wraps(save_pretrained)
+    def save_unwrapped(*args, **kwargs):
+        with unwrapped_model(model):
+            return save_pretrained(*args, **kwargs)
+
+    model.save_pretrained = save_unwrapped
+
+
 def wrap_model(model, tokenizer, name: str | None = None) -> HookedModel:
     """Wrap a loaded Hugging Face model with a TransformerLens ``TransformerBridge`` (no weights copied).
 
@@ -146,6 +209,9 @@ def wrap_model(model, tokenizer, name: str | None = None) -> HookedModel:
         tokenizer: Its tokenizer. The bridge may re-load it from ``tokenizer.name_or_path`` to add a
             BOS token; this library always tokenizes with the tokenizer given here.
         name: Architecture name for the bridge; default the model's ``name_or_path``.
+
+    The bridge replaces the model's modules in place; ``model.save_pretrained`` still writes the plain
+    model's weights and config (see :func:`unwrapped_model`).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -165,6 +231,8 @@ def wrap_model(model, tokenizer, name: str | None = None) -> HookedModel:
     )
     # The bridge normalises the tokenizer it is given; generation here relies on left padding.
     tokenizer.padding_side = padding_side
+    # Wrapping replaced the model's modules in place; saving must see the plain model (``unwrapped_model``).
+    _save_pretrained_unwrapped(model)
     return HookedModel(model=model, tokenizer=tokenizer, bridge=bridge)
 
 

@@ -122,3 +122,30 @@ def test_cache_argument_guard_names_the_fix(monkeypatch, tiny_model):
     monkeypatch.setattr(attention, "forward", forward)
     with pytest.raises(RuntimeError, match="transformers<5.24"):
         check_cache_argument(model)
+
+
+def test_wrapped_model_saves_and_reloads_the_plain_weights_and_keeps_its_hooks(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from scripts.hooked_model import unwrapped_model
+
+    model, tokenizer = tiny_model
+    plain = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    hooked = wrap_model(model, tokenizer)
+    assert set(model.state_dict()) != set(plain)  # the bridge did replace the modules in place
+    with unwrapped_model(model):
+        assert list(model.state_dict()) == list(plain)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert list(reloaded) == list(plain)
+    for name, tensor in plain.items():
+        assert torch.equal(reloaded[name], tensor), name  # stored and loaded: bit-exact
+    assert reloaded["lm_head.weight"].data_ptr() == reloaded["model.embed_tokens.weight"].data_ptr()  # still tied
+
+    # Saving restored the bridge's components: its hooks still fire inside ``model(...)``.
+    encoded = tokenizer(format_chat(tokenizer, ["hello"]), return_tensors="pt")
+    stored = []
+    with torch.no_grad(), hooked.hooks([(hooked.hook_name(1), lambda activation, hook: stored.append(activation))]):
+        output = model(**encoded, output_hidden_states=True)
+    assert len(stored) == 1
+    torch.testing.assert_close(stored[0], output.hidden_states[2], rtol=0, atol=0)
