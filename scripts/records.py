@@ -1,8 +1,10 @@
-"""The one record schema every data source is mapped to, and strict JSONL input/output.
+"""The one record schema every data source is mapped to, and JSONL input/output.
 
 Every prompt the library handles is a :class:`PromptRecord` (``prompt``, ``label``, ``category``,
-``source``, plus a stable ``id``). Results files are JSONL whose rows carry the same ``id`` so that
-resuming, judge caching and joins work by id.
+``source``, plus a stable ``id`` and a ``meta`` dict of any further fields). A JSONL file of records
+needs only ``prompt`` on each line; the other fields have defaults (:meth:`PromptRecord.from_dict`),
+and a malformed line raises an error naming the file and line. Results files are JSONL whose rows carry
+the same ``id`` so that resuming, judge caching and joins work by id.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from typing import Any, Iterable, Iterator, Literal, Mapping
 
 Label = Literal["harmful", "benign"]
 LABELS: tuple[str, ...] = ("harmful", "benign")
+DEFAULT_LABEL: Label = "benign"
+"""Label of a row that has none (:meth:`PromptRecord.from_dict`)."""
+SCHEMA_FIELDS: tuple[str, ...] = ("prompt", "label", "category", "source", "id", "meta")
+"""The fields of :class:`PromptRecord`; any other field of a row is kept in ``meta``."""
 
 
 class JSONLError(ValueError):
@@ -76,18 +82,51 @@ class PromptRecord:
         return row
 
     @classmethod
-    def from_dict(cls, row: Mapping[str, Any]) -> "PromptRecord":
-        """Build a record from a dict with at least ``prompt``, ``label``, ``category``, ``source``."""
-        missing = [key for key in ("prompt", "label", "category", "source") if key not in row]
-        if missing:
-            raise ValueError(f"missing field(s) {missing}")
+    def from_dict(
+        cls, row: Mapping[str, Any], default_source: str = "", default_label: Label = DEFAULT_LABEL
+    ) -> "PromptRecord":
+        """Build a record from a dict that has at least ``prompt``.
+
+        Missing (or null) optional fields take these defaults:
+
+        * ``label``: ``default_label`` (``"benign"`` unless given: a prompt nobody labelled is one to answer);
+        * ``source``: ``default_source`` (:func:`read_records` passes the file's name without extension);
+        * ``category``: ``"benign"`` for a benign prompt; for a harmful one its source, as for the
+          corpus's uncategorised harmful sources (steering vectors skip categories they do not know);
+        * ``id``: :func:`stable_id` of prompt and source.
+
+        Fields outside the schema are kept in ``meta`` (next to the row's own ``meta`` dict, if any), so
+        :meth:`to_dict` writes them back.
+
+        Raises:
+            ValueError: ``prompt`` is missing, a field is invalid, ``meta`` is not an object, or an extra
+                field is also a key of ``meta``.
+        """
+        if "prompt" not in row:
+            raise ValueError(f"missing field 'prompt' (fields: {sorted(row)})")
+        meta = row.get("meta")
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, Mapping):
+            raise ValueError(f"meta must be a JSON object, got {type(meta).__name__}")
+        extra = {key: value for key, value in row.items() if key not in SCHEMA_FIELDS}
+        clashing = sorted(set(extra) & set(meta))
+        if clashing:
+            raise ValueError(f"field(s) {clashing} given both at top level and in meta")
+        label = row.get("label")
+        label = default_label if label is None else label
+        source = row.get("source")
+        source = default_source if source is None else source
+        category = row.get("category")
+        if category is None:
+            category = "benign" if label == "benign" else source
         return cls(
             prompt=row["prompt"],
-            label=row["label"],
-            category=row["category"],
-            source=row["source"],
-            id=row.get("id", ""),
-            meta=dict(row.get("meta", {})),
+            label=label,
+            category=category,
+            source=source,
+            id=row.get("id") or "",
+            meta={**meta, **extra},
         )
 
 
@@ -126,12 +165,26 @@ def read_jsonl(path: str | os.PathLike[str], required: Iterable[str] = ()) -> li
     return rows
 
 
-def read_records(path: str | os.PathLike[str]) -> list[PromptRecord]:
-    """Read :class:`PromptRecord` rows from JSONL; a bad row raises :class:`JSONLError` with its line."""
+def read_records(
+    path: str | os.PathLike[str], source: str | None = None, label: Label = DEFAULT_LABEL
+) -> list[PromptRecord]:
+    """Read :class:`PromptRecord` rows from JSONL; only ``prompt`` is required.
+
+    Args:
+        path: A JSONL file of objects, e.g. ``{"prompt": ..., "label": "harmful"}``.
+        source: Source of rows that name none; default the file's name without extension.
+        label: Label of rows that have none.
+
+    Other defaults and the handling of extra fields are those of :meth:`PromptRecord.from_dict`.
+
+    Raises:
+        JSONLError: a row is not valid JSON or not a valid record; the message names file and line.
+    """
+    default_source = Path(path).stem if source is None else source
     records = []
     for line_number, row in iter_numbered_jsonl(path):
         try:
-            records.append(PromptRecord.from_dict(row))
+            records.append(PromptRecord.from_dict(row, default_source=default_source, default_label=label))
         except (ValueError, TypeError) as error:
             raise JSONLError(path, line_number, str(error)) from error
     return records
