@@ -170,6 +170,10 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+CHAT_FOLD_SEPARATOR = "\n\n"
+"""Between a folded system prompt and the first user message, as Gemma 3's own template writes it."""
+
+
 def format_chat(
     tokenizer,
     prompts: Sequence[str],
@@ -180,21 +184,50 @@ def format_chat(
 
     Args:
         prompts: User messages.
-        system_prompt: Optional system message. When ``None``, the template's own default applies.
+        system_prompt: Optional system message. When ``None``, the template's own default applies (e.g.
+            Qwen's default system turn). A template without a system role still gets it, at the start of
+            the user turn: a template that folds a system message itself (Gemma 3) is left to do so, and
+            one that rejects it (Gemma 2, early Mistral) is given the user message
+            ``system_prompt + "\n\n" + prompt`` instead, which is how Gemma 3's template folds it.
         assistant_prefix: Text placed at the start of the assistant turn (e.g. a refusal token).
 
     Raises:
         ValueError: the tokenizer has no chat template.
+        jinja2.exceptions.TemplateError: the template rejects a single user message (with or without the
+            system prompt), with the template's own message.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; load a chat model or set tokenizer.chat_template")
+    fold = system_prompt is not None and not template_takes_system_role(tokenizer)
     texts = []
     for prompt in prompts:
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-        messages.append({"role": "user", "content": prompt})
+        if system_prompt is None:
+            messages = [{"role": "user", "content": prompt}]
+        elif fold:
+            messages = [{"role": "user", "content": system_prompt + CHAT_FOLD_SEPARATOR + prompt}]
+        else:
+            messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         texts.append(text + (assistant_prefix or ""))
     return texts
+
+
+def template_takes_system_role(tokenizer) -> bool:
+    """Whether the tokenizer's chat template accepts a system message before a user message.
+
+    Templates without a system role say so by raising (``raise_exception`` in the template); one that
+    fails on a lone user message too fails here, with the template's own error.
+    """
+    from jinja2.exceptions import TemplateError
+
+    user = {"role": "user", "content": "x"}
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "x"}, user], tokenize=False,
+                                      add_generation_prompt=True)
+    except TemplateError:
+        tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        return False
+    return True
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -211,7 +244,8 @@ def stop_token_ids(tokenizer, extra_stop_tokens: Sequence[str] = ()) -> list[int
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     vocab = tokenizer.get_vocab()
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", *extra_stop_tokens):
+    # End-of-turn tokens of ChatML (SmolLM2, Qwen), Llama 3, Phi 3 and Gemma, whose EOS token differs.
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", *extra_stop_tokens):
         if token in vocab:
             ids.add(int(vocab[token]))
     return sorted(ids)
