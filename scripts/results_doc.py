@@ -1,0 +1,255 @@
+"""The published results, written from a run's ``summary.json``: the README's results block and ``docs/results.md``.
+
+No figure in either page is typed by hand. ``python -m scripts.results_doc results/default/summary.json``
+rewrites the README between its two marker lines, writes ``docs/results.md`` (every table of the run)
+and copies the run's figures into ``docs/``, so what is published is always one run file, with the set,
+n and interval of every rate, the model build and the machine it was measured on.
+
+A cell resting on fewer than :data:`SMALL_CELL` prompts is marked, and the page says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+README_BEGIN = "<!-- results:begin (written by python -m scripts.results_doc; do not edit by hand) -->"
+README_END = "<!-- results:end -->"
+SMALL_CELL = 60
+"""Cells with fewer prompts than this are marked: too few to tell conditions apart on their own."""
+SMALL_MARK = "†"
+CONDITION_LABELS: dict[str, str] = {
+    "base": "base (unsteered)",
+    "categorical_steering": "categorical steering (own token routes)",
+    "probe_routed_steering": "probe-routed steering",
+    "low_rank_combination": "low-rank combination",
+    "logit_bias": "logit bias on the refusal tokens (baseline)",
+}
+FIGURES: tuple[tuple[str, str], ...] = (
+    ("refusal_tradeoff.png", "refusal_tradeoff.png"),
+    ("figures/layer_sweep.png", "layer_sweep.png"),
+    ("figures/generalization_auc.png", "generalization_auc.png"),
+    ("figures/data_curve.png", "data_curve.png"),
+)
+"""``(path in the run directory, name in docs/)`` of the figures the results page shows."""
+
+
+def format_cell(rate: float | None, interval: Sequence[float | None] | None, n: int | None) -> str:
+    """``0.840 [0.756, 0.899] (84/100)``, marked with :data:`SMALL_MARK` when ``n`` < :data:`SMALL_CELL`."""
+    if rate is None or not n:
+        return "–"
+    k = round(rate * n)
+    text = f"{rate:.3f}"
+    if interval and interval[0] is not None and interval[1] is not None:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    text += f" ({k}/{n})"
+    return text + (f" {SMALL_MARK}" if n < SMALL_CELL else "")
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ordered_conditions(summary: Mapping[str, Any]) -> list[str]:
+    names = [name for name in CONDITION_LABELS if name in summary]
+    return names + [name for name in summary.get("conditions", []) if name not in names and name in summary]
+
+
+def condition_table(summary: Mapping[str, Any]) -> str:
+    """The main table: each condition's refusal rate on harmful prompts and over-refusal on benign look-alikes."""
+    rows = []
+    for name in _ordered_conditions(summary):
+        row = summary[name]
+        rows.append([
+            CONDITION_LABELS.get(name, name) + f" (`{name}`)",
+            format_cell(row.get("refusal_rate_harmful"), row.get("refusal_rate_harmful_ci"), row.get("n_harmful")),
+            format_cell(row.get("over_refusal_rate_benign"), row.get("over_refusal_rate_benign_ci"),
+                        row.get("n_benign")),
+        ])  # fmt: skip
+    return _markdown_table(["condition", "refusal on harmful [95% CI] (k/n)",
+                            "over-refusal on benign look-alikes [95% CI] (k/n)"], rows)
+
+
+def run_description(summary: Mapping[str, Any]) -> str:
+    """One paragraph: model, build, layer, strengths, judge, probe AUC and machine of the run."""
+    strengths = summary.get("strengths", {})
+    probe = summary.get("probe", {})
+    routing = summary.get("routing", {})
+    parts = [f"Model `{summary.get('model')}`"]
+    if summary.get("base_model"):
+        parts[0] += f" (built from `{summary['base_model']}`)"
+    build = summary.get("model_build") or {}
+    if build:
+        parts.append("refusal-token build: " + ", ".join(f"{key} {value}" for key, value in build.items()))
+    parts.append(f"layer {summary.get('layer')} (`{summary.get('hook')}`)")
+    if strengths:
+        parts.append(f"strengths +{strengths.get('positive'):g} / {strengths.get('negative'):g} on unit vectors")
+    if routing.get("router"):
+        parts.append(f"router `{routing['router']}`")
+    parts.append(f"judge `{summary.get('judge')}`")
+    for pair in summary.get("judge_agreement") or []:
+        if pair.get("kappa") is not None:
+            parts.append(f"Cohen's κ {pair['judges'][0]} vs {pair['judges'][1]} {pair['kappa']:.2f} (n = {pair['n']})")
+    if probe.get("auc") is not None:
+        parts.append(f"probe held-out ROC-AUC {probe['auc']:.3f}")
+    machine = summary.get("machine") or {}
+    if machine:
+        parts.append("measured on " + ", ".join(f"{key} {value}" for key, value in machine.items()))
+    return "; ".join(parts) + "."
+
+
+def _small_note(text: str) -> str:
+    if SMALL_MARK not in text:
+        return ""
+    return (f"\n\n{SMALL_MARK} fewer than {SMALL_CELL} prompts in the cell: one run of one seed; the interval, not the "
+            "point, says what the cell can tell.")
+
+
+def generalization_table(generalization: Mapping[str, Any]) -> str:
+    """Leave-one-source-out: per held-out source, router AUCs, routing share and base → steered rate."""
+    router = generalization["best_probe_router"]
+    steering = generalization.get("steering_router") or router
+    rows = []
+    for source, entry in generalization["sources"].items():
+        own = "harmful" if entry["label"] == "harmful" else "benign"
+        routing = entry["routing"].get(steering, {})
+        if own == "harmful":
+            toward = routing.get("harmful_routed_harmful")
+        else:
+            kept = routing.get("benign_routed_benign")
+            toward = None if kept is None else 1.0 - kept
+        auc = entry["probe_auc"][router]
+        conditions = entry.get("conditions", {})
+        base = conditions.get("base", {}).get(own, {})
+        steered = conditions.get("probe_routed_steering", {}).get(own, {})
+        token = entry["probe_auc"].get("token", {}).get("auc")
+        steering_auc = entry["probe_auc"].get(steering, {}).get("auc")
+        rows.append([
+            source, entry["label"], str(entry.get("model_saw_source", "?")),
+            f"{auc['auc']:.3f} [{auc['ci'][0]:.2f}, {auc['ci'][1]:.2f}]",
+            "–" if token is None else f"{token:.3f}",
+            "–" if steering_auc is None else f"{steering_auc:.3f}",
+            "–" if toward is None else f"{toward:.2f}",
+            format_cell(base.get("rate"), base.get("ci"), base.get("n")),
+            format_cell(steered.get("rate"), steered.get("ci"), steered.get("n")),
+        ])  # fmt: skip
+    header = ["held-out source", "label", "fine-tune saw it", f"{router} AUC [95% CI]", "token AUC",
+              f"{steering} AUC", "routed toward refusal", "base rate", "probe-routed rate"]
+    means = ", ".join(f"`{name}` {value:.3f}" for name, value in generalization["router_mean_auc"].items())
+    return _markdown_table(header, rows) + f"\n\nMean held-out AUC: {means}."
+
+
+def data_curve_table(curve: Mapping[str, Any]) -> str:
+    """The look-alike data curve: rates on the held-out source after ``k`` of its prompts join the fold."""
+    labels = sorted(curve["base"])
+    rows = [["unsteered", "–"] + [format_cell(curve["base"][label].get("rate"), curve["base"][label].get("ci"),
+                                              curve["base"][label].get("n")) for label in labels] + ["–"]]
+    for point in curve["points"]:
+        share = point.get("routed_toward_refusal")
+        rows.append([point["routing"], str(point["shots"])]
+                    + [format_cell(point["rates"].get(label, {}).get("rate"), point["rates"].get(label, {}).get("ci"),
+                                   point["rates"].get(label, {}).get("n")) for label in labels]
+                    + ["–" if share is None else f"{share:.2f}"])
+    header = ["routing", "shots k"] + [f"{label} refused [95% CI] (k/n)" for label in labels] + ["routed toward refusal"]
+    return f"Held-out source `{curve['source']}`.\n\n" + _markdown_table(header, rows)
+
+
+def readme_block(summary: Mapping[str, Any]) -> str:
+    """The README's results block: the run description and the main table."""
+    table = condition_table(summary)
+    return "\n\n".join([run_description(summary), table + _small_note(table),
+                        "All tables of the run, with leave-one-source-out and the data curve: "
+                        "[docs/results.md](docs/results.md)."])
+
+
+def results_page(summary: Mapping[str, Any], figures: Sequence[str] = ()) -> str:
+    """``docs/results.md``: every table of the run and the figures copied beside it."""
+    table = condition_table(summary)
+    sections = ["# Results of one run", "Written by `python -m scripts.results_doc` from the run's `summary.json`; "
+                "nothing here is typed by hand.", run_description(summary), "## Conditions", table + _small_note(table)]
+    if "refusal_tradeoff.png" in figures:
+        sections.append("![refusal vs over-refusal](refusal_tradeoff.png)")
+    if "layer_sweep.png" in figures:
+        sections += ["## Layer and strength sweep", "![layer and strength sweep](layer_sweep.png)"]
+    generalization = summary.get("generalization")
+    if generalization:
+        protocol = generalization.get("protocol", {})
+        generalization_text = generalization_table(generalization)
+        sections += ["## Leave-one-source-out",
+                     "Probes, router and vectors refitted without the source; the refusal-token model is fixed. "
+                     f"Protocol: `{json.dumps(protocol, sort_keys=True)}`.",
+                     generalization_text + _small_note(generalization_text)]
+        if "generalization_auc.png" in figures:
+            sections.append("![held-out AUC by layer](generalization_auc.png)")
+        curve = generalization.get("data_curve")
+        if curve:
+            curve_text = data_curve_table(curve)
+            sections += ["## Look-alike data curve", curve_text + _small_note(curve_text)]
+            if "data_curve.png" in figures:
+                sections.append("![data curve](data_curve.png)")
+    return "\n\n".join(sections) + "\n"
+
+
+def replace_block(text: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
+    """``text`` with what lies between the ``begin`` and ``end`` lines replaced by ``block``.
+
+    Raises:
+        ValueError: a marker is missing, or they are out of order.
+    """
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < 0 or stop < start:
+        raise ValueError(f"the results markers are missing or out of order; expected the lines\n{begin}\n{end}")
+    return text[: start + len(begin)] + "\n" + block.strip() + "\n" + text[stop:]
+
+
+def publish(summary_path: str | Path, readme: str | Path, docs: str | Path) -> list[Path]:
+    """Write the README block, ``docs/results.md`` and the figures of the run holding ``summary_path``.
+
+    Returns:
+        The paths written.
+    """
+    summary_path = Path(summary_path)
+    summary = json.loads(summary_path.read_text())
+    docs = Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    written, figures = [], []
+    for source, name in FIGURES:
+        path = summary_path.parent / source
+        if path.exists():
+            shutil.copyfile(path, docs / name)
+            written.append(docs / name)
+            figures.append(name)
+    page = docs / "results.md"
+    page.write_text(results_page(summary, figures))
+    readme = Path(readme)
+    readme.write_text(replace_block(readme.read_text(), readme_block(summary)))
+    written += [page, readme]
+    for path in written:
+        logger.info("wrote %s", path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m scripts.results_doc SUMMARY [--readme README.md] [--docs docs]``."""
+    root = Path(__file__).resolve().parent.parent
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summary", help="a run's summary.json (e.g. results/default/summary.json)")
+    parser.add_argument("--readme", default=str(root / "README.md"))
+    parser.add_argument("--docs", default=str(root / "docs"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    publish(args.summary, args.readme, args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The results pages: cells carry rate, Wilson interval and k/n of the run file; small cells are marked; the
+README block is replaced between its markers and nowhere else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scripts.report import wilson_interval
+from scripts.results_doc import (
+    README_BEGIN,
+    README_END,
+    SMALL_MARK,
+    condition_table,
+    format_cell,
+    publish,
+    replace_block,
+)
+
+
+def _rates(k: int, n: int) -> tuple[float, list[float]]:
+    return k / n, list(wilson_interval(k, n))
+
+
+def _summary() -> dict:
+    harmful_rate, harmful_ci = _rates(84, 100)
+    benign_rate, benign_ci = _rates(15, 75)
+    steered_rate, steered_ci = _rates(6, 40)
+    return {
+        "model": "tiny", "layer": 3, "hook": "blocks.3.hook_resid_post", "judge": "phrase",
+        "strengths": {"positive": 8.0, "negative": -6.0}, "conditions": ["base", "probe_routed_steering"],
+        "base": {"refusal_rate_harmful": harmful_rate, "refusal_rate_harmful_ci": harmful_ci, "n_harmful": 100,
+                 "over_refusal_rate_benign": benign_rate, "over_refusal_rate_benign_ci": benign_ci, "n_benign": 75},
+        "probe_routed_steering": {"refusal_rate_harmful": harmful_rate, "refusal_rate_harmful_ci": harmful_ci,
+                                  "n_harmful": 100, "over_refusal_rate_benign": steered_rate,
+                                  "over_refusal_rate_benign_ci": steered_ci, "n_benign": 40},
+    }
+
+
+def test_a_cell_shows_the_rate_its_wilson_interval_and_the_counts():
+    rate, interval = _rates(15, 75)
+    low, high = wilson_interval(15, 75)
+    assert format_cell(rate, interval, 75) == f"0.200 [{low:.3f}, {high:.3f}] (15/75)"
+    assert format_cell(None, None, 0) == "–"
+
+
+@pytest.mark.parametrize(("n", "marked"), [(59, True), (60, False), (200, False)])
+def test_cells_under_sixty_prompts_are_marked(n, marked):
+    assert format_cell(0.5, [0.4, 0.6], n).endswith(SMALL_MARK) == marked
+
+
+def test_the_condition_table_has_one_row_per_condition_in_order_with_the_run_counts():
+    table = condition_table(_summary())
+    rows = table.splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == ["base", "probe_routed_steering"]
+    assert "(84/100)" in rows[0] and "(15/75)" in rows[0] and "(6/40) " + SMALL_MARK in rows[1]
+
+
+def test_replace_block_changes_only_what_lies_between_the_markers():
+    text = f"intro\n{README_BEGIN}\nold table\n{README_END}\noutro\n"
+    replaced = replace_block(text, "new table")
+    assert replaced == f"intro\n{README_BEGIN}\nnew table\n{README_END}\noutro\n"
+    assert replace_block(replaced, "new table") == replaced
+    with pytest.raises(ValueError, match="markers"):
+        replace_block("no markers here", "x")
+
+
+def test_publish_writes_the_block_the_page_and_copies_the_figures(tmp_path):
+    run = tmp_path / "run"
+    (run / "figures").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(_summary()))
+    (run / "refusal_tradeoff.png").write_bytes(b"png bytes")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n{README_BEGIN}\n{README_END}\nrest\n")
+    written = publish(run / "summary.json", readme, tmp_path / "docs")
+    assert (tmp_path / "docs" / "refusal_tradeoff.png").read_bytes() == b"png bytes"
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert condition_table(_summary()) in page and "refusal_tradeoff.png" in page
+    text = readme.read_text()
+    assert text.startswith("# Title\n") and text.endswith("rest\n") and "(84/100)" in text
+    assert set(written) >= {readme, tmp_path / "docs" / "results.md"}
