@@ -1,7 +1,9 @@
 """Execute ``refusal_tokens.ipynb`` headless with papermill and print the run's summary.
 
 ``python -m scripts.run_notebook`` is the README's main job (after provisioning); ``--fast`` runs the
-same notebook with tiny sample sizes, as CI does, so a broken cell fails the build.
+same notebook with tiny sample sizes, as CI does, so a broken cell fails the build. While it runs, the
+notebook's section headings are logged as each section starts, and what its cells print (their log
+lines and tqdm progress bars included) goes to this process's stdout and stderr.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from scripts.paths import NOTEBOOK_PATH, results_dir
 from scripts.report import format_rate
 
 logger = logging.getLogger(__name__)
-
-NOTEBOOK = Path(__file__).resolve().parent.parent / "refusal_tokens.ipynb"
 
 FAST_PARAMETERS: dict[str, Any] = {
     "run_name": "fast",
@@ -25,24 +26,52 @@ FAST_PARAMETERS: dict[str, Any] = {
 }
 """Overrides of the notebook's ``parameters`` cell for the fast configuration (the notebook scales sizes down)."""
 
+DEFAULT_RUN_NAME = "default"
+"""The run directory of a run that names none (the README's ``results/default/``)."""
+
+
+def markdown_headings(source: str) -> list[str]:
+    """The headings of a markdown cell's source, without their ``#`` marks, in order."""
+    headings = (line.lstrip("#").strip() for line in source.splitlines() if line.startswith("#"))
+    return [heading for heading in headings if heading]
+
+
+def log_section(cell: Mapping[str, Any], cell_index: int) -> None:
+    """nbclient's ``on_cell_start`` hook: log the headings of each markdown cell as execution reaches it."""
+    if cell.get("cell_type") == "markdown":
+        for heading in markdown_headings("".join(cell.get("source", ""))):
+            logger.info("notebook section: %s", heading)
+
 
 def run_notebook(
     parameters: Mapping[str, Any] | None = None,
-    results_root: str | Path = "results",
-    notebook: str | Path = NOTEBOOK,
+    results_root: str | Path | None = None,
+    notebook: str | Path = NOTEBOOK_PATH,
+    stream_output: bool = True,
 ) -> Path:
     """Execute the notebook with ``parameters`` and return the run directory it wrote.
 
-    The executed copy is saved as ``<run_dir>/refusal_tokens.executed.ipynb``; a failing cell raises
-    ``papermill.PapermillExecutionError`` after the partial notebook is saved.
+    Args:
+        parameters: Overrides of the notebook's ``parameters`` cell; an empty ``run_name`` becomes
+            :data:`DEFAULT_RUN_NAME`.
+        results_root: Directory of run directories; default the repository's ``results/``. A relative
+            path is taken from the working directory (the kernel itself runs in the repository).
+        notebook: The notebook to execute.
+        stream_output: Write what the cells print (stdout, and stderr with the progress bars) to this
+            process's stdout and stderr as it comes; the section headings are logged either way.
+
+    The executed copy is saved as ``<run_dir>/refusal_tokens.executed.ipynb`` (each cell's streams merged,
+    progress bars at their final state); a failing cell raises ``papermill.PapermillExecutionError``
+    after the partial notebook is saved.
     """
     import papermill
 
+    results_root = Path(results_root).resolve() if results_root is not None else results_dir()
     parameters = dict(parameters or {})
     parameters["results_root"] = str(results_root)
-    run_name = parameters.get("run_name") or "default"
+    run_name = parameters.get("run_name") or DEFAULT_RUN_NAME
     parameters["run_name"] = run_name
-    run_dir = Path(results_root) / run_name
+    run_dir = results_root / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     output = run_dir / "refusal_tokens.executed.ipynb"
     logger.info("executing %s into %s", notebook, output)
@@ -54,6 +83,10 @@ def run_notebook(
         kernel_name="python3",
         progress_bar=False,
         log_output=False,
+        stdout_file=sys.stdout if stream_output else None,
+        stderr_file=sys.stderr if stream_output else None,
+        on_cell_start=log_section,
+        coalesce_streams=True,
     )
     return run_dir
 
@@ -101,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m scripts.run_notebook [--fast] [--results-root DIR] [-p NAME VALUE ...]``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fast", action="store_true", help="tiny sample sizes (CI configuration)")
-    parser.add_argument("--results-root", default="results")
+    parser.add_argument("--results-root", default=None,
+                        help="directory of run directories (default: the repository's results/)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override a notebook parameter (VALUE parsed as JSON when possible)")
     args = parser.parse_args(argv)

@@ -32,6 +32,22 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
         assert (row["n_harmful"], row["n_benign"], row["n_errors"]) == (18, 10, 0)
         assert 0.0 <= row["refusal_rate_harmful"] <= 1.0 and 0.0 <= row["over_refusal_rate_benign"] <= 1.0
         assert set(row["per_category"]["harmful"]) == set(summary["categories"]) | {"harmbench"}
+    # config.json records what the run did: the layer and strengths the sweep chose, every other setting as used.
+    from scripts.paths import RunConfig
+
+    config = RunConfig.load(run_dir / "config.json")
+    assert (config.name, config.layer, config.hook_kind) == ("fast", summary["layer"], "resid_post")
+    assert (config.positive_strength, config.negative_strength) == (
+        summary["strengths"]["positive"], summary["strengths"]["negative"])
+    assert config.positive_strength in (4.0, 16.0) and config.negative_strength == -6.0  # the fast sweep grid
+    assert {key: config.parameters[key] for key in (
+        "layer", "candidate_layers", "sweep_positive_strengths", "sweep_negative_strengths", "routing",
+        "probe_threshold_method", "category_set_name", "system_prompt", "batch_size", "judge", "fast",
+        "n_train_per_category", "n_eval_overrefusal")} == {
+        "layer": "auto", "candidate_layers": [9, 15], "sweep_positive_strengths": [4.0, 16.0],
+        "sweep_negative_strengths": [6.0], "routing": "probe+token", "probe_threshold_method": "fpr",
+        "category_set_name": "donotanswer", "system_prompt": None, "batch_size": 16, "judge": "phrase",
+        "fast": True, "n_train_per_category": 8, "n_eval_overrefusal": 10}
     png = (run_dir / "refusal_tradeoff.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     for condition in CONDITIONS:

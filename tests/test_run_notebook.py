@@ -1,4 +1,7 @@
-"""The main command's printed summary (the notebook run itself is tested in test_notebook.py)."""
+"""The main command: its printed summary and what it shows while a notebook runs (the real notebook is
+tested in test_notebook.py)."""
+
+import json
 
 from scripts.run_notebook import format_summary
 
@@ -76,3 +79,53 @@ def test_format_summary_prints_the_data_curve_after_the_held_out_table() -> None
     assert lines[start + 3].split() == ["probe", "64", "0.062", "[0.031,", "0.531]", "1.000", "[0.500,", "1.000]", "met",
                                         "0.050"]
     assert lines[-1] == "fewest shots meeting the steering targets: probe: 64"
+
+
+def test_markdown_headings_are_the_heading_lines_without_their_marks() -> None:
+    from scripts.run_notebook import markdown_headings
+
+    assert markdown_headings("## 5. Layer and strength\nTwo criteria, # not a heading\n### Sub\n#\n") == [
+        "5. Layer and strength", "Sub"]
+    assert markdown_headings("plain text") == []
+
+
+def _cell(cell_type: str, source: str, **extra) -> dict:
+    cell = {"cell_type": cell_type, "id": f"c{len(source)}", "metadata": extra.pop("metadata", {}), "source": source,
+            **extra}
+    if cell_type == "code":
+        cell.update(outputs=[], execution_count=None)
+    return cell
+
+
+def test_run_notebook_logs_sections_and_streams_cell_output_and_progress_bars(tmp_path, monkeypatch, caplog, capsys):
+    import logging
+
+    from scripts.run_notebook import run_notebook
+
+    notebook = tmp_path / "notebooks" / "n.ipynb"
+    notebook.parent.mkdir()
+    cells = [
+        _cell("code", 'results_root = "results"\nrun_name = ""', metadata={"tags": ["parameters"]}),
+        _cell("markdown", "## 1. First section\ntext"),
+        _cell("code", "from pathlib import Path\nfrom tqdm.auto import tqdm\n"
+                      "print('hello from the kernel')\n"
+                      "for _ in tqdm(range(3), desc='loop'):\n    pass\n"
+                      "Path(results_root, run_name, 'marker').write_text('x')"),
+        _cell("markdown", "## 2. Second section"),
+        _cell("code", "print('done')"),
+    ]
+    notebook.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {
+        "name": "python3", "display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="scripts.run_notebook"):
+        run_dir = run_notebook({"run_name": "r"}, results_root="out", notebook=notebook)
+    # A relative results root is the caller's, not the kernel's working directory (the notebook's folder).
+    assert run_dir == tmp_path / "out" / "r" and (run_dir / "marker").read_text() == "x"
+    sections = [r.getMessage() for r in caplog.records if r.getMessage().startswith("notebook section")]
+    assert sections == ["notebook section: 1. First section", "notebook section: 2. Second section"]
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[:2] == ["hello from the kernel", "done"]
+    assert "loop: 100%" in captured.err and "3/3" in captured.err  # tqdm's bar, streamed as it was drawn
+    executed = json.loads((run_dir / "refusal_tokens.executed.ipynb").read_text())
+    streams = [output for output in executed["cells"][3]["outputs"] if output["output_type"] == "stream"]
+    assert {output["name"] for output in streams} == {"stdout", "stderr"} and len(streams) == 2  # merged per stream
