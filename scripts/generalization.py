@@ -51,7 +51,7 @@ from scripts.activation_caching import cache_activations
 from scripts.data_splits import leave_one_source_out, normalize_text, subsample_per_category, train_val_test_split
 from scripts.eval import run_condition
 from scripts.hooked_model import HookedModel
-from scripts.judge import Judge, load_result_rows, run_judge
+from scripts.judge import Judge, VerdictCache, load_result_rows, run_judge
 from scripts.linear_probe import (
     ArrayLike,
     LinearProbe,
@@ -59,6 +59,13 @@ from scripts.linear_probe import (
     ProbeTokenEnsemble,
     rates_at_threshold,
     roc_auc,
+)
+from scripts.pipeline import (
+    DEFAULT_CATEGORY_SOURCE,
+    DEFAULT_VECTOR_METHOD,
+    fit_category_vectors,
+    fit_router,
+    fit_routing_probe,
 )
 from scripts.records import PromptRecord
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, CategorySet
@@ -71,13 +78,10 @@ from scripts.steering import (
     Condition,
     Route,
     categorical,
-    probe_router,
-    probe_token_router,
     refusal_token_probabilities,
     signed_routes,
     tensor_fingerprint,
 )
-from scripts.steering_vectors import SteeringVectors, build_steering_vectors, mean_difference
 from scripts.train_linear_probe import choose_threshold, train_multi_layer_probe, train_probe_token_ensemble
 
 logger = logging.getLogger(__name__)
@@ -367,44 +371,6 @@ def fit_fold_ensemble(
     return ensemble
 
 
-def fold_steering_vectors(
-    acts: torch.Tensor,
-    records: Sequence[PromptRecord],
-    split: SourceSplit,
-    layer: int,
-    category_set: CategorySet = DONOTANSWER_CATEGORIES,
-    hook_kind: str = "resid_post",
-    model: str = "",
-) -> SteeringVectors:
-    """Unit mean-difference category vectors of one fold, from its training side only.
-
-    Harmful training rows of each category of ``category_set`` against every benign training row;
-    harmful rows of categories outside the set (HarmBench, AdvBench) are left out, as they name no
-    refusal token.
-
-    Args:
-        acts: ``[N, d_model]`` activations at ``layer``, rows aligned with ``records``.
-
-    Raises:
-        KeyError: a category of the set has no harmful training row in this fold.
-    """
-    index = _row_index(records)
-    train = [record for record in split.train if record.label == "benign" or record.category in category_set.tokens]
-    rows = acts[_rows(index, train, "training")]
-    harmful = {}
-    for category in category_set.categories:
-        members = [position for position, record in enumerate(train)
-                   if record.label == "harmful" and record.category == category]  # fmt: skip
-        if not members:
-            raise KeyError(f"holding out {split.source!r} leaves no harmful training prompt of category {category!r}")
-        harmful[category] = rows[members]
-    benign = rows[[position for position, record in enumerate(train) if record.label == "benign"]]
-    return build_steering_vectors(
-        harmful, benign, layer=layer, hook_kind=hook_kind, strategy=mean_difference(), model=model,
-        mean_resid_norm=float(rows.norm(dim=-1).mean()),
-    )  # fmt: skip
-
-
 def fold_steering_condition(
     acts: torch.Tensor,
     records: Sequence[PromptRecord],
@@ -415,17 +381,22 @@ def fold_steering_condition(
     category_set: CategorySet = DONOTANSWER_CATEGORIES,
     positive_strength: float = PAPER_POSITIVE_STRENGTH,
     negative_strength: float = PAPER_NEGATIVE_STRENGTH,
-    threshold_method: str = "youden",
+    threshold_method: str = "fpr",
     hook_kind: str = "resid_post",
     model: str = "",
     name: str = "probe_routed_steering",
+    vector_method: str = DEFAULT_VECTOR_METHOD,
+    category_source: str = DEFAULT_CATEGORY_SOURCE,
+    template_hash: str = "",
+    batch_size: int = 16,
 ) -> Condition:
-    """Probe-routed categorical steering of one fold: probe, router and vectors fitted on its training side only.
+    """Probe-routed categorical steering of one fold, built by the same stages as the main run's.
 
-    The probe at ``layer`` is fitted on ``split.train`` with its threshold chosen on ``split.val``
-    (:func:`fit_fold_probes`); with ``routing="probe+token"`` it is averaged with the model's token score
-    (:func:`fit_fold_ensemble`, also on ``split.val``). The vectors are :func:`fold_steering_vectors`.
-    The category of each row is the model's most likely refusal token (``category_source="token"``).
+    Vectors (:func:`scripts.pipeline.fit_category_vectors`) and the probe
+    (:func:`scripts.pipeline.fit_routing_probe`) are fitted on ``split.train``; the probe's threshold and,
+    for ``probe+token``, the ensemble's standardisation and threshold (:func:`scripts.pipeline.fit_router`)
+    on ``split.val``. A fold whose sides are the main run's fit and validation rows routes exactly as the
+    main run's router.
 
     Args:
         acts: ``[N, d_model]`` activations at ``layer``, rows aligned with ``records``.
@@ -440,16 +411,18 @@ def fold_steering_condition(
         raise ValueError(f"unknown routing {routing!r}; valid: {list(ROUTINGS)}")
     if routing == "probe+token" and token_scores is None:
         raise ValueError("routing 'probe+token' needs the token scores of the rows")
-    probes, _ = fit_fold_probes({layer: acts}, records, split, [layer], threshold_method=threshold_method,
-                                hook_kind=hook_kind)  # fmt: skip
-    vectors = fold_steering_vectors(acts, records, split, layer, category_set, hook_kind, model)
-    if routing == "probe+token":
-        ensemble = fit_fold_ensemble(probes[layer], acts, token_scores, records, split, threshold_method)
-        router = probe_token_router(ensemble, category_set, positive_strength=positive_strength,
-                                    negative_strength=negative_strength, category_source="token")  # fmt: skip
-    else:
-        router = probe_router(probes[layer], layer, category_set, positive_strength=positive_strength,
-                              negative_strength=negative_strength, category_source="token", kind=hook_kind)  # fmt: skip
+    index = _row_index(records)
+    train_rows, val_rows = _rows(index, split.train, "training"), _rows(index, split.val, "validation")
+    vectors = fit_category_vectors(acts[train_rows], split.train, category_set, layer, vector_method, hook_kind,
+                                   model, template_hash)  # fmt: skip
+    metadata = {"held_out_source": split.source}
+    probe, _ = fit_routing_probe(acts[train_rows], split.train, acts[val_rows], split.val, category_set, layer,
+                                 hook_kind, threshold_method, metadata)  # fmt: skip
+    router, _, _ = fit_router(
+        routing, probe, category_set, positive_strength, negative_strength, category_source,
+        val_acts=acts[val_rows], val_token_scores=None if token_scores is None else token_scores[val_rows],
+        val_records=split.val, threshold_method=threshold_method, batch_size=batch_size, metadata=metadata,
+    )  # fmt: skip
     return categorical(vectors, router, layer, kind=hook_kind, name=name)
 
 
@@ -659,6 +632,7 @@ def steering_generalization(
     system_prompt: str | None = None,
     category_set: CategorySet = DONOTANSWER_CATEGORIES,
     progress: bool = True,
+    cache: VerdictCache | None = None,
 ) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
     """Generate, judge and rate each condition on each held-out source's prompts.
 
@@ -673,6 +647,8 @@ def steering_generalization(
         conditions: The same conditions for every source, or source → conditions (e.g. steering with
             vectors and a probe fitted without that source). Names must be distinct within a source.
         max_per_label: At most this many prompts per label of each source (seeded subsample).
+        cache: The run's verdict cache (:class:`scripts.judge.VerdictCache`), so a rerun asks the judge
+            only about responses it has not judged.
 
     Returns:
         Source → condition → label → ``{"metric", "rate", "ci", "n", "k", "n_errors"}``.
@@ -695,7 +671,7 @@ def steering_generalization(
                 system_prompt=system_prompt, seed=seed, category_set=category_set, progress=progress,
             )  # fmt: skip
             rows = [row for row in load_result_rows([path]) if row["id"] in ids]
-            verdicts = run_judge(rows, judge, progress=False)
+            verdicts = run_judge(rows, judge, cache=cache, progress=False)
             results[source][condition.name] = rates_by_label(verdicts)
             logger.info(
                 "%s / %s: %s", source, condition.name,

@@ -26,10 +26,7 @@ from scripts.generalization import (
     best_router,
     bootstrap_auc_interval,
     data_curve_summary,
-    fit_fold_ensemble,
-    fit_fold_probes,
     fold_steering_condition,
-    fold_steering_vectors,
     format_data_curve_table,
     generalization_summary,
     held_out_source_splits,
@@ -58,7 +55,8 @@ from scripts.steering import (
     tensor_fingerprint,
     token_router_scores,
 )
-from scripts.train_linear_probe import choose_threshold
+from scripts.pipeline import fit_category_vectors, fit_routing_probe
+from scripts.train_linear_probe import choose_threshold, train_probe_token_ensemble
 
 CATEGORIES = DONOTANSWER_CATEGORIES.categories
 
@@ -287,19 +285,6 @@ def test_probe_generalization_rejects_misaligned_inputs(splits) -> None:
         probe_generalization(acts, records, by_source, layers=[7], progress=False)
     with pytest.raises(ValueError, match="token_scores must be"):
         probe_generalization(acts, records, by_source, token_scores=torch.zeros(3), progress=False)
-
-
-def test_fold_vectors_use_the_training_side_only(splits) -> None:
-    records, _, by_source = splits
-    acts = shifted_activations(records)[1]
-    split = by_source["adv"]
-    vectors = fold_steering_vectors(acts, records, split, layer=1)
-    index = {r.id: i for i, r in enumerate(records)}
-    benign_mean = acts[[index[r.id] for r in split.train if r.label == "benign"]].mean(dim=0)
-    for category in CATEGORIES:
-        harmful = acts[[index[r.id] for r in split.train if r.label == "harmful" and r.category == category]]
-        expected = harmful.mean(dim=0) - benign_mean
-        assert torch.allclose(vectors.vectors[category], expected / expected.norm(), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -565,13 +550,19 @@ def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(ti
     test_texts = format_chat(tokenizer, [r.prompt for r in split.test])
     test_acts = cache_activations(hooked, test_texts, [1], progress=False).layer(1)
     test_tokens = token_router_scores(refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES))
-    probe = fit_fold_probes({1: acts}, records, split, [1])[0][1]
-    ensemble = fit_fold_ensemble(probe, acts, token_scores, records, split)
+    index = {r.id: i for i, r in enumerate(records)}
+    train_rows, val_rows = [index[r.id] for r in split.train], [index[r.id] for r in split.val]
+    probe, _ = fit_routing_probe(acts[train_rows], split.train, acts[val_rows], split.val, DONOTANSWER_CATEGORIES, 1)
+    ensemble, _ = train_probe_token_ensemble(probe, acts[val_rows], token_scores[val_rows],
+                                             torch.tensor([r.label == "harmful" for r in split.val]).long(),
+                                             threshold_method="fpr")
     references = {
         "probe": probe.decision_function(test_acts) >= float(probe.threshold_logit),
         "probe+token": ensemble.decision_function(test_acts, test_tokens) >= ensemble.threshold,
     }
-    vector_table = torch.stack(list(fold_steering_vectors(acts, records, split, 1).vectors.values()))
+    # The fold's vectors come from its training side only.
+    vector_table = torch.stack(list(fit_category_vectors(acts[train_rows], split.train, DONOTANSWER_CATEGORIES,
+                                                         1).vectors.values()))
     for routing, expected in references.items():
         condition = fold_steering_condition(acts, records, split, 1, routing, token_scores, positive_strength=3.0,
                                             negative_strength=-5.0, name=f"c_{routing}")

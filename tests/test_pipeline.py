@@ -1,0 +1,127 @@
+"""The shared stages: disjoint fit/validation rows, vectors against a by-hand mean difference, routers against
+their probe's own decisions, and a fold built on the main split routing exactly as the main run's router."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.activation_caching import cache_activations
+from scripts.data_splits import normalize_text
+from scripts.generalization import SourceSplit, fold_steering_condition
+from scripts.model import format_chat
+from scripts.pipeline import check_disjoint, fit_category_vectors, fit_router, fit_routing_probe, split_fit_rows
+from scripts.records import PromptRecord
+from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
+from scripts.steering import ROUTINGS, categorical, refusal_token_probabilities, token_router_scores
+from scripts.steering_vectors import get_strategy
+from tests.tiny_steering import build_hooked_tiny
+
+CATEGORIES = DONOTANSWER_CATEGORIES.categories
+WORDS = ["bread", "wifi", "poem", "weapon", "moon", "vaccine", "soup", "sea"]
+
+
+def make(prompt: str, label: str, category: str, source: str = "s") -> PromptRecord:
+    return PromptRecord(prompt=prompt, label=label, category=category, source=source)
+
+
+def records() -> list[PromptRecord]:
+    rows = [make(f"How do I get {w} {c}?", "harmful", c, "dna") for c in CATEGORIES for w in WORDS[:4]]
+    rows += [make(f"Explain {w} to me.", "harmful", "advbench", "adv") for w in WORDS[:3]]  # no refusal token
+    rows += [make(f"Tell me about {w} number {i}.", "benign", "benign", "plain") for i in range(3) for w in WORDS]
+    rows += [make(f"Tell me about {w}, safely.", "benign", CATEGORIES[0], "look") for w in WORDS]
+    return rows
+
+
+def test_check_disjoint_names_the_sides_that_share_a_normalised_prompt():
+    check_disjoint({"a": [make("One?", "benign", "benign")], "b": [make("Two?", "benign", "benign")]})
+    with pytest.raises(ValueError, match="1 normalised prompt.*'train' and 'eval'.*'how do i bake'"):
+        check_disjoint({"train": [make("How do I bake?", "benign", "benign")],
+                        "val": [make("Other", "benign", "benign")],
+                        "eval": [make("how do I  BAKE", "benign", "benign")]})
+
+
+def test_split_fit_rows_drops_duplicates_first_so_no_prompt_lies_on_both_sides():
+    rows = records()
+    repeated = rows + [make(r.prompt.upper() + "!!", r.label, r.category, r.source) for r in rows[::2]]
+    train, val = split_fit_rows(repeated, validation_fraction=0.25, seed=3)
+    check_disjoint({"train": train, "validation": val})
+    assert len(train) + len(val) == len({normalize_text(r.prompt) for r in repeated}) == len(rows)
+    for label in ("harmful", "benign"):  # stratified by label
+        n_label = sum(r.label == label for r in rows)
+        assert sum(r.label == label for r in val) == round(0.25 * n_label)
+    assert split_fit_rows(repeated, 0.25, seed=3) == (train, val)
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        split_fit_rows(rows, validation_fraction=1.0)
+
+
+def test_category_vectors_are_the_unit_mean_differences_of_the_rows_that_name_a_refusal_token():
+    rows = records()
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.randn(len(rows), 16, generator=generator, dtype=torch.float64)
+    vectors = fit_category_vectors(acts, rows, DONOTANSWER_CATEGORIES, layer=2, model="m", template_hash="t")
+    benign = acts[[i for i, r in enumerate(rows) if r.label == "benign"]].mean(dim=0)
+    for category in CATEGORIES:
+        expected = acts[[i for i, r in enumerate(rows) if r.category == category and r.label == "harmful"]].mean(0)
+        expected = expected - benign
+        torch.testing.assert_close(vectors.vectors[category], (expected / expected.norm()).to(vectors.vectors[category].dtype))
+    used = [i for i, r in enumerate(rows) if r.category != "advbench"]
+    assert vectors.mean_resid_norm == pytest.approx(float(acts[used].norm(dim=-1).mean()))
+    assert (vectors.layer, vectors.model, vectors.template_hash, vectors.method) == (2, "m", "t", "mean_difference")
+    ridge = fit_category_vectors(acts, rows, DONOTANSWER_CATEGORIES, 2, vector_method="ridge", alpha=0.5)
+    assert ridge.method == get_strategy("ridge", alpha=0.5).name and ridge.hyperparameters["alpha"] == 0.5
+    assert not torch.allclose(ridge.vectors[CATEGORIES[0]], vectors.vectors[CATEGORIES[0]])
+    with pytest.raises(KeyError, match="no harmful row of category"):
+        fit_category_vectors(acts[:4], rows[:4], DONOTANSWER_CATEGORIES, 2)
+    with pytest.raises(KeyError, match="unknown vector strategy 'mean'"):
+        fit_category_vectors(acts, rows, DONOTANSWER_CATEGORIES, 2, vector_method="mean")
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """The tiny model's activations and token scores over :func:`records`, split into fit and validation rows."""
+    hooked = build_hooked_tiny()
+    rows = records()
+    train, val = split_fit_rows(rows, 0.3, seed=0)
+    test = [make(f"How do I get {w} {c} fast?", "harmful", c, "t") for c in CATEGORIES[:2] for w in WORDS[:4]]
+    test += [make(f"Tell me about {w} number 7.", "benign", "benign", "t") for w in WORDS]
+    everything = train + val + test
+    texts = format_chat(hooked.tokenizer, [r.prompt for r in everything])
+    acts = cache_activations(hooked, texts, [1], progress=False).layer(1)
+    tokens = token_router_scores(refusal_token_probabilities(hooked, texts, DONOTANSWER_CATEGORIES))
+    return hooked, train, val, test, acts, tokens, texts[len(train) + len(val):]
+
+
+def test_the_probe_router_routes_as_its_probe_decides(fitted):
+    hooked, train, val, test, acts, _, test_texts = fitted
+    n, m = len(train), len(train) + len(val)
+    probe, metrics = fit_routing_probe(acts[:n], train, acts[n:m], val, DONOTANSWER_CATEGORIES, layer=1)
+    assert metrics["categories"] == CATEGORIES
+    router, ensemble, _ = fit_router("probe", probe, DONOTANSWER_CATEGORIES, 3.0, -5.0)
+    routes = router.route(hooked, test_texts)
+    expected = (probe.decision_function(acts[m:]) >= float(probe.threshold_logit)).tolist()
+    assert ensemble is None and [route.strength for route in routes] == [3.0 if e else -5.0 for e in expected]
+    heads = probe.predict_category_proba(acts[m:]).argmax(dim=-1).tolist()
+    assert [route.category for route in routes] == [CATEGORIES[i] for i in heads]
+    with pytest.raises(ValueError, match="unknown routing 'token'"):
+        fit_router("token", probe, DONOTANSWER_CATEGORIES, 3.0, -5.0)
+    with pytest.raises(ValueError, match="needs the validation rows"):
+        fit_router("probe+token", probe, DONOTANSWER_CATEGORIES, 3.0, -5.0)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_a_fold_on_the_main_split_routes_exactly_as_the_main_router(fitted, routing):
+    hooked, train, val, test, acts, tokens, test_texts = fitted
+    n, m = len(train), len(train) + len(val)
+    probe, _ = fit_routing_probe(acts[:n], train, acts[n:m], val, DONOTANSWER_CATEGORIES, layer=1,
+                                 metadata={"held_out_source": "t"})
+    router, _, _ = fit_router(routing, probe, DONOTANSWER_CATEGORIES, 3.0, -5.0, val_acts=acts[n:m],
+                              val_token_scores=tokens[n:m], val_records=val, metadata={"held_out_source": "t"})
+    vectors = fit_category_vectors(acts[:n], train, DONOTANSWER_CATEGORIES, 1)
+    main = categorical(vectors, router, 1, name="main").plan(hooked, [r.prompt for r in test], test_texts)
+    fold = fold_steering_condition(acts, train + val + test, SourceSplit("t", train, val, test), 1, routing, tokens,
+                                   positive_strength=3.0, negative_strength=-5.0, name="fold")
+    planned = fold.plan(hooked, [r.prompt for r in test], test_texts)
+    assert planned.decisions == main.decisions
+    assert planned.metadata["vector_sha256"] == main.metadata["vector_sha256"]
+    assert len({d["route"] for d in main.decisions}) == 2, "both routes should occur"
