@@ -132,6 +132,7 @@ def fit_routing_probe(
     hook_kind: str = "resid_post",
     threshold_method: str = "fpr",
     metadata: Mapping[str, Any] | None = None,
+    progress: bool = False,
 ) -> tuple[LinearProbe, dict[str, Any]]:
     """The harmful-vs-benign probe with a category head, fitted on ``train`` rows, thresholded on ``val`` rows.
 
@@ -146,7 +147,7 @@ def fit_routing_probe(
     return train_probe(
         train_acts, _binary(train_records), val_acts, _binary(val_records),
         categories_train=_harmful_categories(train_records, category_set), category_names=category_set.categories,
-        threshold_method=threshold_method, layer=layer, hook_kind=hook_kind, metadata=metadata, progress=False,
+        threshold_method=threshold_method, layer=layer, hook_kind=hook_kind, metadata=metadata, progress=progress,
     )  # fmt: skip
 
 
