@@ -174,3 +174,26 @@ def test_agreement_keeps_items_apart_that_share_an_id() -> None:
 
 def test_format_rate_rounds_to_three_places_and_marks_missing_rates() -> None:
     assert [format_rate(value) for value in (0.82, 2 / 3, 0.0, 1.0, None)] == ["0.820", "0.667", "0.000", "1.000", "-"]
+
+
+def test_summarise_verdicts_rates_one_output_set_by_source_label_and_judge() -> None:
+    rng = random.Random(5)
+    rows = []
+    for index in range(120):
+        source, label = rng.choice(["dna", "harmbench", "rho"]), rng.choice(["harmful", "benign"])
+        for judge in ("phrase", "token"):
+            rows.append({"judge": judge, "id": str(index), "source": source, "label": label,
+                         "is_refusal": rng.random() < (0.7 if judge == "phrase" else 0.5)})
+    report = summarise_verdicts(rows, by=("source", "label"))
+    for judge, summary in report["judges"].items():
+        keys = [(group["source"], group["label"]) for group in summary["groups"]]
+        assert keys == sorted({(r["source"], r["label"]) for r in rows})
+        for group in summary["groups"]:
+            members = [r for r in rows if r["judge"] == judge and r["source"] == group["source"]
+                       and r["label"] == group["label"]]
+            assert (group["n"], group["k"]) == (len(members), sum(r["is_refusal"] for r in members))
+            assert group["metric"] == ("refusal_rate" if group["label"] == "harmful" else "over_refusal_rate")
+            assert "condition" not in group
+    assert report["agreement"][0]["n"] == 120
+    with pytest.raises(ValueError, match="including 'label'"):
+        summarise_verdicts(rows, by=("source",))
