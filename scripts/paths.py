@@ -83,8 +83,8 @@ RUN_CONFIG_TOP_LEVEL: dict[str, str] = {
 }
 """Notebook parameters stored as :class:`RunConfig` fields of another name; the rest go to ``parameters``."""
 
-SWEEP_CHOICES: tuple[str, ...] = ("layer", "positive_strength", "negative_strength")
-"""What the layer/strength sweep chooses when the notebook's ``layer`` is ``"auto"``."""
+STRENGTH_PARAMETERS: tuple[str, ...] = ("positive_strength", "negative_strength")
+"""Notebook parameters that the layer/strength sweep replaces when the notebook's ``layer`` is ``"auto"``."""
 
 
 @dataclass
@@ -149,13 +149,13 @@ class RunConfig:
         values: dict[str, Any] = {RUN_CONFIG_TOP_LEVEL[key]: value for key, value in parameters.items()
                                   if key in RUN_CONFIG_TOP_LEVEL}
         rest = {key: value for key, value in parameters.items()
-                if key not in RUN_CONFIG_TOP_LEVEL and key not in SWEEP_CHOICES[1:]}
+                if key not in RUN_CONFIG_TOP_LEVEL and key not in STRENGTH_PARAMETERS}
         layer = parameters.get("layer", "auto")
         if layer != "auto":
             if isinstance(layer, bool) or not isinstance(layer, int):
                 raise ValueError(f"layer must be an int or 'auto', got {layer!r}")
             values["layer"] = layer
-            for key in SWEEP_CHOICES[1:]:
+            for key in STRENGTH_PARAMETERS:
                 if parameters.get(key) is not None:
                     values[key] = float(parameters[key])
         return cls(**values, parameters=rest)
@@ -172,7 +172,7 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        """``results_root/name``, created on demand."""
+        """``results_root/name`` (the repository's ``results/name`` when ``results_root`` is empty), made on demand."""
         path = (Path(self.results_root) if self.results_root else results_dir()) / self.name
         path.mkdir(parents=True, exist_ok=True)
         return path
