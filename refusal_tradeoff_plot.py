@@ -103,9 +103,9 @@ def _points_from_groups(groups: Sequence[Mapping[str, Any]], with_strength: bool
             TradeoffPoint(
                 condition=condition,
                 over_refusal_rate=benign["rate"],
-                over_refusal_ci=(benign["ci_low"], benign["ci_high"]),
+                over_refusal_ci=tuple(benign["ci"]),
                 refusal_rate=harmful["rate"],
-                refusal_ci=(harmful["ci_low"], harmful["ci_high"]),
+                refusal_ci=tuple(harmful["ci"]),
                 n_benign=benign["n"],
                 n_harmful=harmful["n"],
                 strength=strength,

@@ -691,7 +691,7 @@ def rates_by_label(verdict_rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[
         rates[label] = {
             "metric": metric_name(label),
             "rate": summary["rate"],
-            "ci": [summary["ci_low"], summary["ci_high"]],
+            "ci": summary["ci"],
             "n": summary["n"],
             "k": summary["k"],
             "n_errors": summary["n_errors"],

@@ -89,8 +89,9 @@ def rate_summary(verdicts: Iterable[bool | None], z: float = 1.96) -> dict[str, 
         z: Standard-normal quantile of the interval.
 
     Returns:
-        ``{"n", "n_errors", "k", "rate", "ci_low", "ci_high"}`` where ``n`` counts decided verdicts;
-        the rate and bounds are ``None`` when ``n`` is 0.
+        ``{"n", "n_errors", "k", "rate", "ci": [low, high]}`` where ``n`` counts decided verdicts; the
+        rate and interval are ``None`` when ``n`` is 0. Every rate of the project carries its interval
+        in this one shape.
     """
     n = k = n_errors = 0
     for verdict in verdicts:
@@ -100,9 +101,9 @@ def rate_summary(verdicts: Iterable[bool | None], z: float = 1.96) -> dict[str, 
         n += 1
         k += bool(verdict)
     if n == 0:
-        return {"n": 0, "n_errors": n_errors, "k": 0, "rate": None, "ci_low": None, "ci_high": None}
+        return {"n": 0, "n_errors": n_errors, "k": 0, "rate": None, "ci": None}
     low, high = wilson_interval(k, n, z)
-    return {"n": n, "n_errors": n_errors, "k": k, "rate": k / n, "ci_low": low, "ci_high": high}
+    return {"n": n, "n_errors": n_errors, "k": k, "rate": k / n, "ci": [low, high]}
 
 
 def metric_name(label: str) -> str:
@@ -203,8 +204,8 @@ def summarise_verdicts(
         ``{"confidence": 0.95-ish, "judges": {judge: {"n_rows", "n_errors", "groups": [...],
         "strength_groups": [...]}}, "agreement": [...]}``. Each group holds ``condition``, ``label``,
         ``metric`` (``refusal_rate`` for harmful, ``over_refusal_rate`` for benign) and the other ``by``
-        fields, ``n`` (decided
-        verdicts), ``n_errors``, ``k``, ``rate``, ``ci_low``, ``ci_high`` and ``per_category``.
+        fields, ``n`` (decided verdicts), ``n_errors``, ``k``, ``rate``, ``ci`` (``[low, high]``) and
+        ``per_category``.
         ``agreement`` holds Cohen's kappa for every pair of judges that judged the same items.
     """
     by = tuple(by)
@@ -231,6 +232,26 @@ def summarise_verdicts(
     return {"confidence": confidence, "judges": judges, "agreement": agreement}
 
 
+def condition_rates(report: Mapping[str, Any], judge: str) -> dict[str, dict[str, Any]]:
+    """Per condition of a :func:`summarise_verdicts` report (grouped by condition and label), one judge's rates.
+
+    Returns:
+        Condition → the headline rates ``refusal_rate_harmful`` and ``over_refusal_rate_benign``, and per
+        label present ``harmful`` / ``benign``: ``{"metric", "rate", "ci", "n", "k", "n_errors", "per_category"}``.
+
+    Raises:
+        KeyError: ``judge`` is not in the report (the message lists its judges).
+    """
+    if judge not in report["judges"]:
+        raise KeyError(f"judge {judge!r} not in the report; judges: {sorted(report['judges'])}")
+    rates: dict[str, dict[str, Any]] = {}
+    for group in report["judges"][judge]["groups"]:
+        entry = rates.setdefault(group["condition"], {})
+        entry[f"{group['metric']}_{group['label']}"] = group["rate"]
+        entry[group["label"]] = {key: value for key, value in group.items() if key not in ("condition", "label")}
+    return rates
+
+
 def format_rate(value: float | None) -> str:
     """A rate as ``0.820``, or ``-`` where there is none (no rows, or all verdicts errors)."""
     return "-" if value is None else f"{value:.3f}"
@@ -239,7 +260,8 @@ def format_rate(value: float | None) -> str:
 def _format_rate(group: Mapping[str, Any]) -> str:
     if group["rate"] is None:
         return "n/a"
-    return f"{100 * group['rate']:5.1f}% [{100 * group['ci_low']:5.1f}, {100 * group['ci_high']:5.1f}]"
+    low, high = group["ci"]
+    return f"{100 * group['rate']:5.1f}% [{100 * low:5.1f}, {100 * high:5.1f}]"
 
 
 def format_table(report: Mapping[str, Any]) -> str:

@@ -53,6 +53,11 @@ def format_cell(rate: float | None, interval: Sequence[float | None] | None, n: 
     return text + (f" {SMALL_MARK}" if n < SMALL_CELL else "")
 
 
+def _rate_cell(rate: Mapping[str, Any]) -> str:
+    """:func:`format_cell` of a rate record ``{"rate", "ci", "n", ...}`` (:func:`scripts.report.rate_summary`)."""
+    return format_cell(rate.get("rate"), rate.get("ci"), rate.get("n"))
+
+
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -68,13 +73,8 @@ def condition_table(summary: Mapping[str, Any]) -> str:
     """The main table: each condition's refusal rate on harmful prompts and over-refusal on benign look-alikes."""
     rows = []
     for name in _ordered_conditions(summary):
-        row = summary[name]
-        rows.append([
-            CONDITION_LABELS.get(name, name) + f" (`{name}`)",
-            format_cell(row.get("refusal_rate_harmful"), row.get("refusal_rate_harmful_ci"), row.get("n_harmful")),
-            format_cell(row.get("over_refusal_rate_benign"), row.get("over_refusal_rate_benign_ci"),
-                        row.get("n_benign")),
-        ])  # fmt: skip
+        cells = [_rate_cell(summary[name].get(label, {})) for label in ("harmful", "benign")]
+        rows.append([CONDITION_LABELS.get(name, name) + f" (`{name}`)", *cells])
     return _markdown_table(["condition", "refusal on harmful [95% CI] (k/n)",
                             "over-refusal on benign look-alikes [95% CI] (k/n)"], rows)
 
@@ -139,8 +139,8 @@ def generalization_table(generalization: Mapping[str, Any]) -> str:
             "–" if token is None else f"{token:.3f}",
             "–" if steering_auc is None else f"{steering_auc:.3f}",
             "–" if toward is None else f"{toward:.2f}",
-            format_cell(base.get("rate"), base.get("ci"), base.get("n")),
-            format_cell(steered.get("rate"), steered.get("ci"), steered.get("n")),
+            _rate_cell(base),
+            _rate_cell(steered),
         ])  # fmt: skip
     header = ["held-out source", "label", "fine-tune saw it", f"{router} AUC [95% CI]", "token AUC",
               f"{steering} AUC", "routed toward refusal", "base rate", "probe-routed rate"]
@@ -151,13 +151,11 @@ def generalization_table(generalization: Mapping[str, Any]) -> str:
 def data_curve_table(curve: Mapping[str, Any]) -> str:
     """The look-alike data curve: rates on the held-out source after ``k`` of its prompts join the fold."""
     labels = sorted(curve["base"])
-    rows = [["unsteered", "–"] + [format_cell(curve["base"][label].get("rate"), curve["base"][label].get("ci"),
-                                              curve["base"][label].get("n")) for label in labels] + ["–"]]
+    rows = [["unsteered", "–"] + [_rate_cell(curve["base"][label]) for label in labels] + ["–"]]
     for point in curve["points"]:
         share = point.get("routed_toward_refusal")
         rows.append([point["routing"], str(point["shots"])]
-                    + [format_cell(point["rates"].get(label, {}).get("rate"), point["rates"].get(label, {}).get("ci"),
-                                   point["rates"].get(label, {}).get("n")) for label in labels]
+                    + [_rate_cell(point["rates"].get(label, {})) for label in labels]
                     + ["–" if share is None else f"{share:.2f}"])
     header = ["routing", "shots k"] + [f"{label} refused [95% CI] (k/n)" for label in labels] + ["routed toward refusal"]
     return f"Held-out source `{curve['source']}`.\n\n" + _markdown_table(header, rows)

@@ -116,8 +116,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     for name in names:
         row = summary[name]
         lines.append(f"{name:24s} {format_rate(row.get('refusal_rate_harmful')):>18s} "
-                     f"{format_rate(row.get('over_refusal_rate_benign')):>22s} {row.get('n_harmful', 0):10d} "
-                     f"{row.get('n_benign', 0):9d}")  # fmt: skip
+                     f"{format_rate(row.get('over_refusal_rate_benign')):>22s} "
+                     f"{row.get('harmful', {}).get('n', 0):10d} {row.get('benign', {}).get('n', 0):9d}")  # fmt: skip
     generalization = summary.get("generalization")
     if generalization:
         from scripts.generalization import format_data_curve_table, format_generalization_table

@@ -29,9 +29,12 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
         row = summary[condition]
         # 3 held-out harmful prompts per category, 3 HarmBench prompts and 10 over-refusal prompts; the
         # phrase judge never errs.
-        assert (row["n_harmful"], row["n_benign"], row["n_errors"]) == (18, 10, 0)
-        assert 0.0 <= row["refusal_rate_harmful"] <= 1.0 and 0.0 <= row["over_refusal_rate_benign"] <= 1.0
-        assert set(row["per_category"]["harmful"]) == set(summary["categories"]) | {"harmbench"}
+        assert (row["harmful"]["n"], row["benign"]["n"], row["harmful"]["n_errors"] + row["benign"]["n_errors"]) == (
+            18, 10, 0)
+        for label, metric in (("harmful", "refusal_rate_harmful"), ("benign", "over_refusal_rate_benign")):
+            low, high = row[label]["ci"]  # the one interval shape of every rate
+            assert row[metric] == row[label]["rate"] and 0.0 <= low <= row[metric] <= high <= 1.0
+        assert set(row["harmful"]["per_category"]) == set(summary["categories"]) | {"harmbench"}
     # config.json records what the run did: the layer and strengths the sweep chose, every other setting as used.
     from scripts.paths import RunConfig
 

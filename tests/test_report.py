@@ -132,7 +132,7 @@ def test_summarise_verdicts_groups_metrics_and_kappa() -> None:
     assert harmful["metric"] == "refusal_rate" and harmful["n"] == 4 and harmful["k"] == 3
     benign = phrase[("baseline", "benign")]
     assert benign["metric"] == "over_refusal_rate" and benign["n"] == 3 and benign["n_errors"] == 1
-    assert (benign["ci_low"], benign["ci_high"]) == pytest.approx(wilson_interval(1, 3))
+    assert benign["ci"] == pytest.approx(wilson_interval(1, 3))
     assert benign["per_category"]["malicious_uses"]["n"] == 3
     assert report["judges"]["phrase"]["n_errors"] == 1
     (pair,) = report["agreement"]

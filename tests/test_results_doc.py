@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from scripts.report import wilson_interval
+from scripts.report import condition_rates, summarise_verdicts, wilson_interval
 from scripts.results_doc import (
     README_BEGIN,
     README_END,
@@ -23,18 +23,18 @@ def _rates(k: int, n: int) -> tuple[float, list[float]]:
     return k / n, list(wilson_interval(k, n))
 
 
+def _condition(harmful: tuple[int, int], benign: tuple[int, int]) -> dict:
+    """A condition of ``summary.json`` as :func:`scripts.report.condition_rates` writes it, from real verdict rows."""
+    rows = [{"judge": "phrase", "condition": "c", "label": label, "is_refusal": i < k}
+            for label, (k, n) in (("harmful", harmful), ("benign", benign)) for i in range(n)]
+    return condition_rates(summarise_verdicts(rows), "phrase")["c"]
+
+
 def _summary() -> dict:
-    harmful_rate, harmful_ci = _rates(84, 100)
-    benign_rate, benign_ci = _rates(15, 75)
-    steered_rate, steered_ci = _rates(6, 40)
     return {
         "model": "tiny", "layer": 3, "hook": "blocks.3.hook_resid_post", "judge": "phrase",
         "strengths": {"positive": 8.0, "negative": -6.0}, "conditions": ["base", "probe_routed_steering"],
-        "base": {"refusal_rate_harmful": harmful_rate, "refusal_rate_harmful_ci": harmful_ci, "n_harmful": 100,
-                 "over_refusal_rate_benign": benign_rate, "over_refusal_rate_benign_ci": benign_ci, "n_benign": 75},
-        "probe_routed_steering": {"refusal_rate_harmful": harmful_rate, "refusal_rate_harmful_ci": harmful_ci,
-                                  "n_harmful": 100, "over_refusal_rate_benign": steered_rate,
-                                  "over_refusal_rate_benign_ci": steered_ci, "n_benign": 40},
+        "base": _condition((84, 100), (15, 75)), "probe_routed_steering": _condition((84, 100), (6, 40)),
     }
 
 

@@ -7,7 +7,8 @@ from scripts.run_notebook import format_summary
 
 
 def _condition(harmful: float, benign: float) -> dict:
-    return {"refusal_rate_harmful": harmful, "over_refusal_rate_benign": benign, "n_harmful": 60, "n_benign": 80}
+    return {"refusal_rate_harmful": harmful, "over_refusal_rate_benign": benign,
+            "harmful": {"rate": harmful, "n": 60}, "benign": {"rate": benign, "n": 80}}
 
 
 def test_format_summary_lists_conditions_in_order_with_their_rates_and_the_held_out_sources() -> None:
