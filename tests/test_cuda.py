@@ -1,4 +1,4 @@
-"""The method's steps on a CUDA device agree with the same steps on the CPU (tiny random Llama).
+"""The method's steps on a CUDA device agree with the same steps on the CPU (tiny random Llama, Qwen2, Gemma3).
 
 Skipped without a GPU. Each test runs one step twice, on a CPU copy and a CUDA copy of the same model,
 with inputs created on the CPU as a user would (vectors, probes and operators built from cached CPU
@@ -32,6 +32,7 @@ from scripts.steering import (
     token_router_scores,
 )
 from scripts.train_low_rank_combination_steering import TrainingConfig, train_low_rank_combination
+from tests.tiny import FAMILIES
 from tests.tiny_steering import PROMPTS, build_hooked_tiny, tiny_texts
 
 DEVICE = os.environ.get("SECOND_TEST_DEVICE", "cuda")
@@ -45,10 +46,10 @@ HARMFUL = (PROMPTS[1], PROMPTS[3])
 BENIGN = (PROMPTS[0], PROMPTS[2], PROMPTS[4])
 
 
-@pytest.fixture(scope="module")
-def pair():
-    """The same tiny hooked model on the CPU and on CUDA."""
-    cpu, second = build_hooked_tiny(), build_hooked_tiny()  # seeded: the same weights
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    """The same tiny hooked model of each family on the CPU and on CUDA."""
+    cpu, second = build_hooked_tiny(family=request.param), build_hooked_tiny(family=request.param)  # seeded: same weights
     second.bridge.to(DEVICE)
     second.model.to(DEVICE)
     return cpu, second
