@@ -280,18 +280,18 @@ def test_probe_router_routes_as_its_probe_decides(hooked, plain, texts, fitted_p
 
 
 def test_low_rank_training_runs_and_lowers_its_loss(hooked):
-    harmful = tiny_texts(hooked, (PROMPTS[1], PROMPTS[3], "Explain how to poison a neighbour's dog."))
-    benign = tiny_texts(hooked, (PROMPTS[0], PROMPTS[2], PROMPTS[4]))
+    harmful, benign = tiny_texts(hooked, (PROMPTS[1], PROMPTS[3])), tiny_texts(hooked, (PROMPTS[0], PROMPTS[2]))
     activations = cache_activations(hooked, harmful + benign, LAYER, progress=False).layer(LAYER)
     generator = torch.Generator().manual_seed(0)
     vectors = {c: torch.randn(hooked.d_model, generator=generator) for c in CATEGORIES.categories}
     operator = LowRankCombinationSteering.from_basis(steering_basis(vectors, fit_whitening(activations, eps=1e-2)))
-    config = TrainingConfig(layer=LAYER, epochs=4, batch_size=2, lr=5e-2, kl_weight=0.5, seed=3)
+    # One batch per epoch: three optimiser steps, enough for a clear drop on every family.
+    config = TrainingConfig(layer=LAYER, epochs=3, batch_size=2, lr=1e-1, kl_weight=0.5, seed=3)
     before = evaluate_loss(hooked, operator, harmful, benign, CATEGORIES, config)
     result = train_low_rank_combination(hooked, operator, harmful, benign, CATEGORIES, config, progress=False)
     after = evaluate_loss(hooked, result.operator, harmful, benign, CATEGORIES, config)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
-    assert after["loss"] < before["loss"] - 0.1  # about 0.8 to 2 on every family
+    assert after["loss"] < before["loss"] - 0.3  # about 1 on every family
     assert result.history[-1]["loss"] < result.history[0]["loss"]
     assert all(p.grad is None for p in hooked.model.parameters())  # the model itself is never trained
 
