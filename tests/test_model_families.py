@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -125,7 +125,7 @@ def _residual_norm(hooked: HookedModel, texts: list[str], layer: int) -> float:
     return cache_activations(hooked, texts, layer, progress=False).mean_norm(layer)
 
 
-def tiny_texts_of(tokenizer) -> list[str]:
+def _texts_of(tokenizer) -> list[str]:
     return format_chat(tokenizer, list(PROMPTS))
 
 
@@ -226,7 +226,7 @@ def test_steered_cached_generation_equals_a_full_forward_pass_without_the_cache(
 def test_generation_stops_at_the_families_end_of_turn_token(family):
     # A fresh model without refusal tokens: their large unembeddings would outbid every other token.
     model, tokenizer = build_tiny_family(family)
-    texts = tiny_texts_of(tokenizer)
+    texts = _texts_of(tokenizer)
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN[family])
     assert end_of_turn in stop_token_ids(tokenizer)
     free = generate_ids(model, tokenizer, texts, batch_size=3, max_new_tokens=3, progress=False)
