@@ -11,7 +11,9 @@ true/false/null, ``refusal_score``, ``judge``, ``error``), ``DIR/report.json`` (
 prints a table. ``azure`` verdicts are cached in ``DIR/judge_cache.jsonl`` (or ``--cache``), so a
 rerun judges only what is missing. The ``azure`` judge reads ``AZURE_INFERENCE_ENDPOINT`` and
 ``AZURE_INFERENCE_CREDENTIAL`` from the environment or a ``.env`` file; ``--endpoint`` points it at
-another compatible server (e.g. a local vLLM), which gets no key.
+another compatible server (e.g. a local vLLM), which gets no key. ``--judge trained`` is the trained
+offline judge (its verdicts are cached too); ``--judge auto`` picks ``azure`` when an endpoint is
+configured, else ``trained``, else ``phrase`` (see :func:`scripts.judge.resolve_judge_name`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from pathlib import Path
 from typing import Sequence
 
 from scripts.judge import (
+    AUTO_JUDGE,
     DEFAULT_AZURE_MODEL,
     DEFAULT_THRESHOLD,
     JUDGE_NAMES,
     VerdictCache,
     build_judge,
     load_result_rows,
+    resolve_judge_name,
     run_judge,
 )
 from scripts.records import JSONLError, write_jsonl
@@ -46,7 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--judge",
         action="append",
-        choices=JUDGE_NAMES,
+        choices=(AUTO_JUDGE, *JUDGE_NAMES),
         required=True,
         help="judge to run; repeat to run several (kappa is reported between them)",
     )
@@ -89,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = VerdictCache(args.cache or args.out / "judge_cache.jsonl")
     verdict_rows = []
-    for name in dict.fromkeys(args.judge):
+    for name in dict.fromkeys(resolve_judge_name(name) for name in args.judge):
         try:
             judge = build_judge(
                 name,
@@ -103,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else {}
                 ),
             )
-        except ValueError as error:
+        except (ValueError, RuntimeError, FileNotFoundError) as error:
+            # ValueError covers a trained head that does not fit the installed encoder, RuntimeError its missing package
             logger.error("%s", error)
             return 2
         concurrency = args.concurrency if name == "azure" else 1
