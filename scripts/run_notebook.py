@@ -66,12 +66,13 @@ def run_notebook(
     """
     import papermill
 
-    results_root = Path(results_root).resolve() if results_root is not None else results_dir()
+    root = Path(results_root).resolve() if results_root is not None else None
     parameters = dict(parameters or {})
-    parameters["results_root"] = str(results_root)
+    # The notebook reads "" as the repository's results/ (and config.json records it so, not a machine's path).
+    parameters["results_root"] = str(root) if root is not None else ""
     run_name = parameters.get("run_name") or DEFAULT_RUN_NAME
     parameters["run_name"] = run_name
-    run_dir = results_root / run_name
+    run_dir = (root if root is not None else results_dir()) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     output = run_dir / "refusal_tokens.executed.ipynb"
     logger.info("executing %s into %s", notebook, output)

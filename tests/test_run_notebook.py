@@ -111,7 +111,9 @@ def test_run_notebook_logs_sections_and_streams_cell_output_and_progress_bars(tm
         _cell("code", "from pathlib import Path\nfrom tqdm.auto import tqdm\n"
                       "print('hello from the kernel')\n"
                       "for _ in tqdm(range(3), desc='loop'):\n    pass\n"
-                      "Path(results_root, run_name, 'marker').write_text('x')"),
+                      "marker = Path(results_root or '.', run_name, 'marker')\n"
+                      "marker.parent.mkdir(parents=True, exist_ok=True)\n"
+                      "marker.write_text(repr(results_root))"),
         _cell("markdown", "## 2. Second section"),
         _cell("code", "print('done')"),
     ]
@@ -121,7 +123,7 @@ def test_run_notebook_logs_sections_and_streams_cell_output_and_progress_bars(tm
     with caplog.at_level(logging.INFO, logger="scripts.run_notebook"):
         run_dir = run_notebook({"run_name": "r"}, results_root="out", notebook=notebook)
     # A relative results root is the caller's, not the kernel's working directory (the notebook's folder).
-    assert run_dir == tmp_path / "out" / "r" and (run_dir / "marker").read_text() == "x"
+    assert run_dir == tmp_path / "out" / "r" and (run_dir / "marker").read_text() == repr(str(run_dir.parent))
     sections = [r.getMessage() for r in caplog.records if r.getMessage().startswith("notebook section")]
     assert sections == ["notebook section: 1. First section", "notebook section: 2. Second section"]
     captured = capsys.readouterr()
@@ -130,3 +132,10 @@ def test_run_notebook_logs_sections_and_streams_cell_output_and_progress_bars(tm
     executed = json.loads((run_dir / "refusal_tokens.executed.ipynb").read_text())
     streams = [output for output in executed["cells"][3]["outputs"] if output["output_type"] == "stream"]
     assert {output["name"] for output in streams} == {"stdout", "stderr"} and len(streams) == 2  # merged per stream
+
+    # No results root: the repository's results/, passed to the notebook as "" (so config.json says so).
+    monkeypatch.setattr("scripts.run_notebook.results_dir", lambda: tmp_path / "repo_results")
+    run_dir = run_notebook({"run_name": "q"}, notebook=notebook, stream_output=False)
+    assert run_dir == tmp_path / "repo_results" / "q" and (run_dir / "refusal_tokens.executed.ipynb").is_file()
+    assert (notebook.parent / "q" / "marker").read_text() == "''"  # the kernel runs in the notebook's folder
+    assert capsys.readouterr().out == ""
