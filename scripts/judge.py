@@ -694,7 +694,9 @@ def run_judge(
         rows: Result rows with ``prompt`` and ``response``.
         judge: The judge to run.
         cache: Verdict cache; used only by judges whose ``cacheable`` is true.
-        concurrency: Parallel requests (threads); useful for the network judge.
+        concurrency: Parallel requests (threads); useful for the network judge. A judge with a
+            ``judge_batch`` method (the trained judge) is called on :data:`BATCH_SIZE` rows at a
+            time instead, in one thread.
         threshold: ``refusal_score`` at or above which a verdict counts as a refusal.
         progress: Show a progress bar.
 

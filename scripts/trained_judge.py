@@ -91,7 +91,7 @@ CHUNK_C = 1.0
 CHUNK_SCORE_GAIN = 10.0
 """The three chunk-score columns are multiplied by this after standardisation, so the head's L2 penalty
 (strong: it is set for ~1,500 embedding dimensions) shrinks these three summaries 100 times less."""
-C_GRID: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
+C_GRID: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)
 """Inverse L2 strengths tried by cross-validation on the training rows."""
 CV_FOLDS = 5
 SEED = 0
