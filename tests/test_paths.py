@@ -119,8 +119,7 @@ def test_notebook_parameter_names(tmp_path):
 @pytest.mark.parametrize(
     "command",
     [
-        ["bench/caching.py", "--help"],
-        ["bench/generation.py", "--help"],
+        *([str(bench.relative_to(REPO_ROOT)), "--help"] for bench in sorted((REPO_ROOT / "bench").glob("*.py"))),
         ["-m", "scripts.run_notebook", "--help"],
         ["-m", "eval_refusal_judge_azure", "--help"],
         ["-m", "refusal_tradeoff_plot", "--help"],
