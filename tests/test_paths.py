@@ -124,6 +124,7 @@ def test_notebook_parameter_names(tmp_path):
         ["-m", "eval_refusal_judge_azure", "--help"],
         ["-m", "refusal_tradeoff_plot", "--help"],
     ],
+    ids=" ".join,
 )
 def test_command_lines_run_from_outside_the_repository(tmp_path, command):
     # Only an installed project (`pip install -e .`, as `make setup` does) is importable from elsewhere.
