@@ -1,20 +1,29 @@
-"""Benchmark: one refusal-token fine-tuning step as the recipe runs it vs a plain SFT step.
+"""Benchmark: one refusal-token fine-tuning step as the recipe runs it vs a plain SFT step, and the projected build.
 
 Both sides train SmolLM2-135M-Instruct (refusal tokens added) on the same SFT examples built from
 the offline corpus, with the same batch size, from the same initial weights:
 
 * ours — :func:`scripts.refusal_token_finetune.epoch_batches` (length-bucketed batches),
-  :func:`~scripts.refusal_token_finetune.assistant_loss` (no attention mask, output head only at
-  labelled positions), bfloat16 autocast and the fused AdamW step;
+  :func:`~scripts.refusal_token_finetune.assistant_loss` (no attention mask, the batch's shared
+  prefix run once, output head only at labelled positions) in the precision ``--precision``
+  resolves to (:func:`scripts.precision.resolve_precision`: bfloat16 autocast only where the CPU
+  computes it natively), gradient clipping and the fused AdamW step, as
+  :func:`~scripts.refusal_token_finetune.train` runs them;
 * baseline — batches in a seeded random order (no bucketing), ``model(input_ids, attention_mask,
-  labels=...)`` in float32 (full-vocabulary logits at every position) and the default AdamW step.
+  labels=...)`` in float32 (full-vocabulary logits at every position), gradient clipping and the
+  default AdamW step.
 
 Benign targets are placeholders of ``max_answer_tokens`` tokens (the lengths are what matters here),
-so no answers need generating. The last line is ``ratio: X`` (baseline s/step / ours s/step);
-``projected`` lines give the whole two-epoch schedule at the measured rate. On a CPU shared with
-other jobs, pass ``--threads 1``: oversubscribed OpenMP threads make two-thread timings erratic.
+so no answers need generating. The projected build is the whole two-epoch schedule at ours' rate
+plus the held-out evaluation (:func:`~scripts.refusal_token_finetune.first_token_ids` timed on
+every ``--eval-stride``-th evaluation prompt and scaled by prompt tokens). The output names the CPU
+(model name and torch's kernel capability); the last line is ``ratio: X`` (baseline s/step / ours
+s/step). On a CPU shared with other jobs, pass ``--threads 1``: oversubscribed OpenMP threads make
+two-thread timings erratic.
 
-Run: ``PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/finetune.py [--steps 8] [--threads 2]``.
+Run: ``HF_HUB_OFFLINE=1 python bench/finetune.py [--steps 8] [--threads 2] [--precision float32]``.
+To see an AVX2-only CPU's kernel choice on a CPU with bfloat16, set ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` (and call it emulated AVX2, not an AVX2 machine).
 """
 
 from __future__ import annotations
@@ -23,22 +32,25 @@ import argparse
 import logging
 import random
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from scripts.model import load_model
+from scripts.model import format_chat, load_model
 from scripts.offline_corpus import load_offline_corpus
+from scripts.precision import PRECISIONS, cpu_description, resolve_precision
 from scripts.refusal_token_finetune import (
     DEFAULT_BENIGN_RATIO,
     BenignAnswer,
     FinetuneConfig,
+    OfflineData,
     SFTExample,
     assistant_loss,
     benign_prompt_budget,
     build_sft_examples,
     collate,
     epoch_batches,
+    first_token_ids,
     fit_prompt,
     make_optimizer,
     prepare_refusal_model,
@@ -49,9 +61,8 @@ from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
 logger = logging.getLogger("bench.finetune")
 
 
-def offline_examples(tokenizer, config: FinetuneConfig) -> list[SFTExample]:
+def offline_examples(tokenizer, config: FinetuneConfig, data: OfflineData) -> list[SFTExample]:
     """The offline build's training examples, with placeholder benign answers of full length."""
-    data = select_offline_data(load_offline_corpus(), DONOTANSWER_CATEGORIES, config.seed, benign_ratio=DEFAULT_BENIGN_RATIO)
     budget = benign_prompt_budget(tokenizer, config)
     filler = tokenizer("Sure! Here is a clear and helpful answer to your question. " * 4, add_special_tokens=False)
     filler_ids = filler["input_ids"][: config.max_answer_tokens]
@@ -60,6 +71,14 @@ def offline_examples(tokenizer, config: FinetuneConfig) -> list[SFTExample]:
         for r in data.train_benign
     }
     return build_sft_examples(data.train_harmful + data.train_benign, tokenizer, DONOTANSWER_CATEGORIES, answers, config)
+
+
+def evaluation_prompts(data: OfflineData) -> list[str]:
+    """Every prompt the build's held-out evaluation runs (test splits, over-refusal set, extra harmful sources)."""
+    records = data.test_harmful + data.test_benign + data.overrefusal
+    for extra in data.extra_harmful.values():
+        records = records + extra
+    return [record.prompt for record in records]
 
 
 def time_steps(
@@ -77,18 +96,30 @@ def time_steps(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Time both step kinds and log s/step, padded tokens and the projected schedule time."""
+    """Time both step kinds and the evaluation; log s/step, padded tokens and the projected build time."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per side (plus one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="precision of ours (default: auto)")
+    parser.add_argument("--eval-stride", type=int, default=8, help="time every N-th evaluation prompt")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.eval_stride < 1:
+        parser.error("--steps and --eval-stride must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = FinetuneConfig()
+    config = FinetuneConfig(precision=args.precision)
+    cpu = cpu_description()
+    logger.info("CPU: %s (torch capability %s, %s), %d torch threads", cpu["cpu"], cpu["cpu_capability"],
+                cpu["machine"], torch.get_num_threads())  # fmt: skip
+    precision = resolve_precision(config.precision, "cpu")
+    logger.info("precision: %s -> %s (%s)", config.precision, precision.name, precision.reason)
+
     model, tokenizer = load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu")
     prepare_refusal_model(model, tokenizer, DONOTANSWER_CATEGORIES)
-    examples = offline_examples(tokenizer, config)
+    corpus = load_offline_corpus()
+    data = select_offline_data(corpus, DONOTANSWER_CATEGORIES, config.seed, benign_ratio=DEFAULT_BENIGN_RATIO)
+    examples = offline_examples(tokenizer, config, data)
     initial = {name: value.detach().clone() for name, value in model.state_dict().items()}
     schedule_steps = config.epochs * len(epoch_batches([0] * len(examples), config.batch_size, config.seed, 0))
     pad = tokenizer.pad_token_id
@@ -98,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def ours(rows: list[SFTExample]) -> None:
         input_ids, labels = collate(rows, pad)
-        assistant_loss(model, input_ids, labels, bf16=True).backward()
+        assistant_loss(model, input_ids, labels, precision).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -111,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def baseline(rows: list[SFTExample]) -> None:
         input_ids, labels = collate(rows, pad)
-        mask = (torch.arange(input_ids.shape[1])[None, :] < torch.tensor([len(r.input_ids) for r in rows])[:, None])
+        mask = torch.arange(input_ids.shape[1])[None, :] < torch.tensor([len(r.input_ids) for r in rows])[:, None]
         model(input_ids=input_ids, attention_mask=mask.long(), labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         baseline_optimizer.step()
         baseline_optimizer.zero_grad(set_to_none=True)
 
@@ -121,12 +154,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     baseline_batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)][: args.steps + 1]
     baseline_s, baseline_tokens = time_steps(baseline, examples, baseline_batches)
 
+    model.eval()
+    prompts = evaluation_prompts(data)
+    sample = prompts[:: args.eval_stride]
+    tokens = [len(ids) for ids in tokenizer(format_chat(tokenizer, prompts), add_special_tokens=False)["input_ids"]]
+    began = time.perf_counter()
+    first_token_ids(model, tokenizer, sample, batch_size=config.generation_batch_size, progress=False)
+    sample_s = time.perf_counter() - began
+    evaluation_s = sample_s * sum(tokens) / sum(tokens[:: args.eval_stride])
+    logger.info("evaluation: %.1f s for %d of %d prompts, projected %.0f s for all", sample_s, len(sample),
+                len(prompts), evaluation_s)  # fmt: skip
+
     logger.info("examples: %d, schedule: %d steps (%d epochs, batch %d)", len(examples), schedule_steps,
                 config.epochs, config.batch_size)  # fmt: skip
-    logger.info("threads: %d", torch.get_num_threads())
-    for name, seconds, tokens in (("ours", ours_s, ours_tokens), ("baseline", baseline_s, baseline_tokens)):
-        logger.info("%-8s %.2f s/step, %d padded tokens in %d timed steps", name, seconds, tokens, args.steps)
-        logger.info("projected %-8s %.1f min for the whole schedule", name, seconds * schedule_steps / 60)
+    rows = (("ours", precision.name, ours_s, ours_tokens), ("baseline", "float32", baseline_s, baseline_tokens))
+    for name, dtype, seconds, tokens in rows:
+        logger.info("%-8s %-8s %.2f s/step, %d padded tokens in %d timed steps, projected %.1f min for the schedule",
+                    name, dtype, seconds, tokens, args.steps, seconds * schedule_steps / 60)  # fmt: skip
+    logger.info("projected build (training + evaluation, benign answers cached): %.1f min on %s (%s)",
+                (ours_s * schedule_steps + evaluation_s) / 60, cpu["cpu"], cpu["cpu_capability"])  # fmt: skip
     logger.info("ratio: %.2f", baseline_s / ours_s)
 
 

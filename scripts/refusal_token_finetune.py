@@ -9,10 +9,12 @@ the assistant turn carries loss.
 Training is made fast on a CPU by short sequences (prompts truncated to fit ``max_length``,
 benign answers cut to ``max_answer_tokens``), length-bucketed batches in a seeded shuffled
 order, right padding without an attention mask (causal attention never looks at the padding
-after a sequence), logits computed only at the positions that carry loss, bfloat16 autocast and
-the fused AdamW step. Checkpoints (safetensors weights, optimizer state as safetensors + JSON)
-are written every ``checkpoint_every`` steps and at the end of each epoch; a rerun resumes from
-the latest one and skips the steps already done.
+after a sequence), the prefix every row of a batch shares (the chat template's system turn) run
+once per batch instead of once per row, logits computed only at the positions that carry loss, the
+precision the device computes well (:mod:`scripts.precision`: bfloat16 autocast where it is native,
+float32 elsewhere) and the fused AdamW step. Checkpoints (safetensors weights, optimizer state as
+safetensors + JSON) are written every ``checkpoint_every`` steps and at the end of each epoch; a
+rerun resumes from the latest one and skips the steps already done.
 
 :func:`build_offline_refusal_model` runs the recipe on SmolLM2-135M-Instruct with the offline
 corpus and caches the result as the ``smollm2-135m-refusal-tokens`` alias
@@ -22,6 +24,7 @@ corpus and caches the result as the ``smollm2-135m-refusal-tokens`` alias
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,9 +35,10 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +49,13 @@ from scripts.model import (
     SMOLLM2_ALIAS,
     format_chat,
     generate_ids,
-    length_sorted_batches,
     load_model,
     prepare_tokenizer,
     resolve_device,
     resolve_model_path,
 )
 from scripts.paths import cache_dir, data_dir, models_dir
+from scripts.precision import PRECISIONS, ResolvedPrecision, cpu_description, resolve_precision
 from scripts.records import PromptRecord, append_jsonl, read_jsonl
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, CategorySet, add_refusal_tokens
 
@@ -137,7 +141,9 @@ class FinetuneConfig:
         answer_max_new_tokens: Tokens generated for each benign answer (cached).
         generation_batch_size: Batch size of the benign-answer generation and of the evaluation.
         max_grad_norm: Gradient clipping norm.
-        bf16: Run forward and backward under bfloat16 autocast (weights and optimizer stay float32).
+        precision: ``"auto"`` (bfloat16 autocast where the device computes it natively, else float32;
+            see :func:`scripts.precision.resolve_precision`), ``"bfloat16"`` or ``"float32"``. Weights
+            and optimizer state stay float32 either way.
         checkpoint_every: Save a resumable checkpoint every this many steps (and after each epoch).
         system_prompt: System message of the chat template (``None``: the template's default,
             which is what :func:`scripts.model.generate` uses by default downstream).
@@ -154,7 +160,7 @@ class FinetuneConfig:
     answer_max_new_tokens: int = 24
     generation_batch_size: int = 32
     max_grad_norm: float = 1.0
-    bf16: bool = True
+    precision: str = "auto"
     checkpoint_every: int = 100
     system_prompt: str | None = None
     seed: int = 0
@@ -171,6 +177,8 @@ class FinetuneConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.max_answer_tokens > self.answer_max_new_tokens:
             raise ValueError("max_answer_tokens cannot exceed answer_max_new_tokens")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: {list(PRECISIONS)}")
 
 
 @dataclass(frozen=True)
@@ -209,12 +217,16 @@ class TrainResult:
         steps_run: Steps this call ran (the rest were restored from a checkpoint).
         losses: Loss of every step of the schedule done so far, in order.
         seconds: Wall time of this call's steps.
+        precision: The precision the steps ran in (``"bfloat16"`` or ``"float32"``).
+        precision_reason: Why that precision (see :class:`scripts.precision.ResolvedPrecision`).
     """
 
     steps: int
     steps_run: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    precision: str = "float32"
+    precision_reason: str = ""
 
     @property
     def seconds_per_step(self) -> float:
@@ -451,17 +463,57 @@ def collate(examples: Sequence[SFTExample], pad_token_id: int) -> tuple[torch.Te
     return input_ids, labels
 
 
-def assistant_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+def shared_prefix_length(input_ids: torch.Tensor) -> int:
+    """Leading positions where every row of ``input_ids`` (``[batch, seq]``) holds the same token, at most ``seq - 1``.
+
+    Rows built from one chat template share its system turn; what every row shares, a causal model
+    computes identically for each, so it can be run once (see :func:`causal_hidden_states`).
+    """
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    return min(int(same.long().cumprod(dim=0).sum()), input_ids.shape[1] - 1)
+
+
+def causal_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[batch, seq, d_model]`` of right-padded rows (no mask), their shared prefix run once.
+
+    The prefix common to all rows (:func:`shared_prefix_length`) goes through the model as one row;
+    its key/value cache is repeated over the batch and the rest of each row runs on top of it. A
+    causal model computes the prefix identically for every row, so this equals the plain forward
+    pass (and its gradients) up to floating-point summation order, with the prefix's cost paid once
+    instead of once per row. Models whose cache cannot be repeated take the plain pass.
+    """
+    base = model.base_model
+    batch = input_ids.shape[0]
+    prefix = shared_prefix_length(input_ids) if batch > 1 else 0
+    if prefix == 0:
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+    head = base(input_ids=input_ids[:1, :prefix], use_cache=True)
+    cache = head.past_key_values
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+    cache.batch_repeat_interleave(batch)
+    rest = base(input_ids=input_ids[:, prefix:], past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([head.last_hidden_state.expand(batch, -1, -1), rest], dim=1)
+
+
+def assistant_loss(
+    model, input_ids: torch.Tensor, labels: torch.Tensor, precision: ResolvedPrecision | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose label is not ``-100``.
 
     Batches are right-padded and no attention mask is passed: with causal attention a real token
-    never sees the padding after it, and the fast causal attention path is kept. Only the hidden
-    states that predict a labelled token go through the output head, which saves most of the
-    vocabulary projection.
+    never sees the padding after it, and the fast causal attention path is kept. The prefix all
+    rows share is computed once (:func:`causal_hidden_states`). Only the hidden states that predict
+    a labelled token go through the output head, which saves most of the vocabulary projection.
+
+    Args:
+        input_ids: ``[batch, seq]`` right-padded token ids.
+        labels: ``[batch, seq]`` targets, ``-100`` where there is no loss.
+        precision: The forward pass runs in its autocast (default: float32).
     """
-    device = input_ids.device
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    context = precision.autocast() if precision is not None else contextlib.nullcontext()
+    with context:
+        hidden = causal_hidden_states(model, input_ids)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
@@ -483,10 +535,18 @@ def make_optimizer(model, config: FinetuneConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
 
 
-def training_fingerprint(examples: Sequence[SFTExample], config: FinetuneConfig) -> str:
-    """Hash of the examples and of the settings that shape the schedule: a checkpoint resumes only a run it matches."""
+def training_fingerprint(examples: Sequence[SFTExample], config: FinetuneConfig, precision: str) -> str:
+    """Hash of the examples and of the settings that shape the schedule: a checkpoint resumes only a run it matches.
+
+    Args:
+        precision: The resolved precision (``"bfloat16"`` or ``"float32"``), which replaces the
+            configured one: ``"auto"`` on another machine may mean other arithmetic.
+    """
+    if precision not in ("bfloat16", "float32"):
+        raise ValueError(f"the fingerprint takes a resolved precision (bfloat16 or float32), got {precision!r}")
     digest = hashlib.sha256()
     settings = {key: value for key, value in asdict(config).items() if key not in ("checkpoint_every",)}
+    settings["precision"] = precision
     digest.update(json.dumps(settings, sort_keys=True).encode("utf-8"))
     for example in examples:
         digest.update(json.dumps([example.input_ids, example.labels]).encode("utf-8"))
@@ -572,7 +632,8 @@ def train(
     total = len(schedule)
     stop = total if max_steps is None else min(total, max_steps)
     optimizer = make_optimizer(model, config)
-    fingerprint = training_fingerprint(examples, config)
+    precision = resolve_precision(config.precision, device)
+    fingerprint = training_fingerprint(examples, config, precision.name)
     losses: list[float] = []
     start = 0
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -592,7 +653,7 @@ def train(
         input_ids, labels = collate([examples[index] for index in schedule[step]], tokenizer.pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, total, config)
-        loss = assistant_loss(model, input_ids.to(device), labels.to(device), bf16=config.bf16)
+        loss = assistant_loss(model, input_ids.to(device), labels.to(device), precision)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
@@ -606,12 +667,34 @@ def train(
             save_checkpoint(checkpoint, model, optimizer, {"step": done, "losses": losses, "fingerprint": fingerprint})
     bar.close()
     model.eval()
-    return TrainResult(steps=total, steps_run=stop - start, losses=losses, seconds=time.perf_counter() - began)
+    return TrainResult(
+        steps=total, steps_run=stop - start, losses=losses, seconds=time.perf_counter() - began,
+        precision=precision.name, precision_reason=precision.reason,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
+
+
+def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Length-sorted batches (longest first) of at most ``batch_size`` rows and ``max_tokens`` padded tokens.
+
+    A batch holds at least one row, however long; the token cap keeps a few long prompts from padding
+    a whole batch of short ones to their length.
+    """
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        current = batches[-1] if batches else None
+        # Rows come longest first, so a batch's padded size is its first row's length times its rows.
+        if current and len(current) < batch_size and (len(current) + 1) * lengths[current[0]] <= max_tokens:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 @torch.no_grad()
@@ -622,22 +705,33 @@ def first_token_ids(
     system_prompt: str | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    max_batch_tokens: int = 2048,
 ) -> list[int]:
-    """The argmax (over the whole vocabulary) of the first assistant token for each prompt: one forward pass each."""
+    """The argmax (over the whole vocabulary) of the first assistant token for each prompt: one forward pass each.
+
+    Prompts run right-padded without an attention mask (the last real token of a row never sees the
+    padding after it), in length-sorted batches capped at ``max_batch_tokens`` padded tokens, with
+    the chat template's shared prefix computed once per batch (:func:`causal_hidden_states`); the
+    output head runs only at each row's last prompt token.
+    """
     from tqdm.auto import tqdm
 
     prepare_tokenizer(tokenizer)
     device = next(model.parameters()).device
     texts = format_chat(tokenizer, prompts, system_prompt)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    pad = tokenizer.pad_token_id
     result = [0] * len(texts)
-    for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="first token", disable=not progress):
-        encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        mask = encoded["attention_mask"].to(device)
-        position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=encoded["input_ids"].to(device), attention_mask=mask, position_ids=position_ids, logits_to_keep=1
-        ).logits[:, -1]
+    batches = token_budget_batches(lengths, batch_size, max_batch_tokens)
+    for batch in tqdm(batches, desc="first token", disable=not progress):
+        width = max(lengths[i] for i in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        for row, index in enumerate(batch):
+            input_ids[row, : lengths[index]] = torch.tensor(encoded[index])
+        hidden = causal_hidden_states(model, input_ids.to(device))
+        last = torch.tensor([lengths[i] - 1 for i in batch], device=device)
+        logits = model.get_output_embeddings()(hidden[torch.arange(len(batch), device=device), last])
         for row, index in enumerate(batch):
             result[index] = int(logits[row].argmax())
     return result
@@ -955,6 +1049,8 @@ def build_offline_refusal_model(
         "versions": _library_versions(),
         "device": str(resolve_device(device)),
         "torch_threads": torch.get_num_threads(),
+        "precision": {"requested": config.precision, "resolved": result.precision, "reason": result.precision_reason},
+        **cpu_description(),
     }
     _save_model_dir(model, tokenizer, target, metrics)
     shutil.rmtree(work, ignore_errors=True)
@@ -1020,6 +1116,12 @@ def format_figures(metrics: Mapping[str, Any]) -> str:
         if source in evaluation:
             lines.append(f"{source}: category token first {_percent(evaluation[source]['category_token_first'])}")
     timings = metrics["timings"]
+    precision = metrics.get("precision", {})
+    lines.append(
+        f"precision: {precision.get('resolved', 'n/a')} (asked {precision.get('requested', 'n/a')}) on "
+        f"{metrics.get('device', 'n/a')}, CPU {metrics.get('cpu', 'n/a')} ({metrics.get('cpu_capability', 'n/a')}), "
+        f"{metrics.get('torch_threads', 'n/a')} torch threads"
+    )
     lines.append(
         f"time: {timings['total_s']:.0f} s in total (benign answers {timings['benign_answers_s']:.0f} s, "
         f"training {timings['training_s']:.0f} s at {metrics['training']['seconds_per_step']:.2f} s/step, "
@@ -1044,11 +1146,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (1 is far faster on an oversubscribed CPU)"
     )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=defaults.precision,
+        help="auto: bfloat16 where the device computes it natively (CUDA 8.0+, CPUs with AVX512-BF16/AMX), "
+        "else float32",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = replace(defaults, epochs=args.epochs, max_length=args.max_length, seed=args.seed)
+    config = replace(defaults, epochs=args.epochs, max_length=args.max_length, seed=args.seed, precision=args.precision)
     path = build_offline_refusal_model(
         force=args.force, config=config, limit=args.limit, out=args.out, harmful_sources=args.harmful_sources
     )

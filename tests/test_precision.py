@@ -1,4 +1,4 @@
-"""Tests of the precision choice: CPU capability and flags mocked both ways, CUDA, forced names, errors, the timing cache."""
+"""Tests of the precision choice: CPU capability and flags mocked both ways, CUDA, forced names, errors, the cache."""
 
 from __future__ import annotations
 

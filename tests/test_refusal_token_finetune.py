@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import replace
 
@@ -23,22 +24,27 @@ from scripts.refusal_token_finetune import (
     default_output_dir,
     end_of_turn_text,
     epoch_batches,
+    first_token_ids,
     first_token_rates,
     fit_prompt,
+    format_figures,
     generate_benign_answers,
     learning_rate_at,
     prepare_refusal_model,
     read_metrics,
     refusal_text,
     select_offline_data,
+    shared_prefix_length,
+    token_budget_batches,
     train,
+    training_fingerprint,
 )
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
 from tests.tiny import build_tiny_model, build_tiny_tokenizer
 
 CONFIG = FinetuneConfig(
     epochs=2, learning_rate=3e-3, batch_size=2, max_length=160, max_answer_tokens=6, answer_max_new_tokens=8,
-    generation_batch_size=4, bf16=False, checkpoint_every=2, seed=0,
+    generation_batch_size=4, precision="float32", checkpoint_every=2, seed=0,
 )  # fmt: skip
 
 HARMFUL = [
@@ -313,6 +319,10 @@ def test_build_offline_refusal_model_end_to_end_on_the_tiny_model(monkeypatch, t
     assert metrics["split"]["seed"] == 0 and metrics["training"]["steps"] > 0
     assert {"benign_answers_s", "training_s", "evaluation_s", "total_s"} <= set(metrics["timings"])
     assert metrics["evaluation"]["overrefusal"]["n"] == 1
+    assert metrics["precision"] == {"requested": "float32", "resolved": "float32", "reason": "forced"}
+    assert metrics["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and metrics["cpu"]
+    summary = format_figures(metrics)
+    assert f"precision: float32 (asked float32) on cpu, CPU {metrics['cpu']} ({metrics['cpu_capability']})" in summary
     assert read_metrics(out) == metrics
 
     from transformers import AutoTokenizer
@@ -334,3 +344,94 @@ def test_built_offline_refusal_model_meets_held_out_targets():
         assert metrics["figures"][name] >= bound, (name, metrics["figures"])
     assert metrics["meets_targets"]
     assert metrics["split"]["limit"] is None and metrics["evaluation"]["overrefusal"]["n"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_shared_prefix_loss_and_gradients_match_the_plain_forward(family):
+    from tests.tiny import build_tiny_family
+
+    model, tokenizer = build_tiny_family(family)
+    prepare_refusal_model(model, tokenizer, DONOTANSWER_CATEGORIES)
+    config = replace(CONFIG, system_prompt="You are a careful assistant who answers briefly and politely.")
+    input_ids, labels = collate(examples_for(tokenizer, config)[:5], tokenizer.pad_token_id)
+    assert shared_prefix_length(input_ids) >= 10  # the system turn is shared, so the fast path runs
+    model.train()
+    fast = assistant_loss(model, input_ids, labels)
+    fast.backward()
+    fast_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    # Reference: the model's own loss over all positions and the full vocabulary, every row run whole.
+    reference = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+    reference.backward()
+    # Float32 sums in another order (prefix once, then repeated): agreement to ~1e-6 relative, 1e-4 leaves margin.
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        scale = p.grad.abs().max().clamp(min=1e-12)
+        assert ((fast_grads[name] - p.grad).abs().max() / scale).item() < 1e-4, name
+
+
+def test_shared_prefix_length_stops_at_the_first_difference_and_keeps_a_position():
+    ids = torch.tensor([[5, 6, 7, 8, 1], [5, 6, 9, 8, 1]])
+    assert shared_prefix_length(ids) == 2
+    assert shared_prefix_length(torch.tensor([[3, 4, 5], [3, 4, 5]])) == 2  # identical rows: one position left to run
+    assert shared_prefix_length(torch.tensor([[3, 4], [4, 4]])) == 0
+
+
+def test_token_budget_batches_cap_rows_and_padded_tokens():
+    lengths = [300, 10, 12, 11, 250, 9, 13, 40]
+    batches = token_budget_batches(lengths, batch_size=3, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 100
+    assert [300] in [[lengths[i] for i in b] for b in batches]  # a row longer than the budget still runs, alone
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_budget_batches(lengths, batch_size=3, max_tokens=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_first_token_ids_match_each_prompt_run_alone(family):
+    from scripts.model import format_chat
+    from tests.tiny import build_tiny_family
+
+    model, tokenizer = build_tiny_family(family)
+    prompts = [p for p, _ in HARMFUL] + BENIGN + ["Tell me about the sea. " * 12]
+    # A small token budget splits the batch, so the longest prompt runs with fewer rows than the rest.
+    fast = first_token_ids(model, tokenizer, prompts, batch_size=4, progress=False, max_batch_tokens=160)
+    expected = []
+    with torch.no_grad():
+        for text in format_chat(tokenizer, prompts):
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            expected.append(int(model(input_ids=ids).logits[0, -1].argmax()))
+    assert fast == expected
+
+
+def test_precision_is_resolved_into_the_fingerprint_and_validated():
+    _, tokenizer = fresh_model()
+    examples = examples_for(tokenizer)
+    auto, forced = replace(CONFIG, precision="auto"), replace(CONFIG, precision="float32")
+    # "auto" that resolved to float32 is the same training as forced float32; bfloat16 is not.
+    assert training_fingerprint(examples, auto, "float32") == training_fingerprint(examples, forced, "float32")
+    assert training_fingerprint(examples, auto, "float32") != training_fingerprint(examples, auto, "bfloat16")
+    with pytest.raises(ValueError, match="resolved precision"):
+        training_fingerprint(examples, auto, "auto")
+    with pytest.raises(ValueError, match="'fp16'.*auto.*bfloat16.*float32"):
+        replace(CONFIG, precision="fp16")
+
+
+def test_bfloat16_training_runs_under_autocast_with_float32_weights():
+    model, tokenizer = fresh_model()
+    examples = examples_for(tokenizer)
+    result = train(model, tokenizer, examples, replace(CONFIG, epochs=1, precision="bfloat16"), progress=False)
+    assert result.precision == "bfloat16" and result.precision_reason == "forced"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(math.isfinite(loss) for loss in result.losses)
+    input_ids, labels = collate(examples[:2], tokenizer.pad_token_id)
+    from scripts.precision import resolve_precision
+
+    with torch.no_grad():
+        loss = assistant_loss(model, input_ids, labels, resolve_precision("bfloat16", "cpu"))
+        reference = assistant_loss(model, input_ids, labels)
+    # bfloat16 keeps 8 bits of mantissa: the loss agrees with float32 to a few percent, not more.
+    assert loss.item() == pytest.approx(reference.item(), rel=0.05)
+    assert loss.item() != reference.item()  # the autocast really ran
