@@ -139,7 +139,9 @@ def load_model(
     Args:
         name_or_path: An alias (see :func:`resolve_model_path`), a Hub id or a local directory.
             ``HF_HUB_OFFLINE=1`` is honoured by transformers itself.
-        dtype: Weights dtype; default float32 on CPU and bfloat16 on CUDA.
+        dtype: Weights dtype; default bfloat16 on a CUDA device that computes it natively (see
+            :func:`scripts.precision.resolve_precision`), else float32 (on CPUs too, where every
+            downstream figure is computed in float32).
         device: Where to put the model when ``device_map`` is not given (default: CUDA if available).
         device_map: Passed to transformers (e.g. ``"auto"`` to shard over several GPUs via accelerate).
         revision: Hub revision (branch, tag or commit).
@@ -152,7 +154,9 @@ def load_model(
     path = resolve_model_path(name_or_path)
     resolved_device = resolve_device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if resolved_device.type == "cuda" else torch.float32
+        from scripts.precision import resolve_precision
+
+        dtype = resolve_precision("auto", resolved_device).dtype if resolved_device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, revision=revision)
     if device_map is None:
