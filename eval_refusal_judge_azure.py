@@ -22,8 +22,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from scripts.judge import (
     AUTO_JUDGE,

@@ -53,7 +53,9 @@ def bench_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rows = []
     for index in range(n):
         parts = rng.sample(cases, rng.randint(1, 4))
-        rows.append({"id": f"bench-{index}", "prompt": parts[0].prompt, "response": "\n\n".join(p.completion for p in parts)})
+        rows.append(
+            {"id": f"bench-{index}", "prompt": parts[0].prompt, "response": "\n\n".join(p.completion for p in parts)}
+        )
     return rows
 
 
@@ -63,8 +65,10 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="time judging only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"CPU: {cpu_name()}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads"
+    )
     if not args.skip_train:
         try:
             load_xstest_files()
@@ -81,13 +85,21 @@ def main() -> None:
     rows = bench_rows(args.n)
     judge = TrainedJudge(HEAD_DIR)
     judge.judge_batch(rows[:2])  # loads the encoder: a one-off cost, not a per-response one
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     verdicts = run_judge(rows, judge, cache=None, progress=False)
     judge_s = time.perf_counter() - started
+    # On a shared machine wall time overstates the cost; CPU time over the threads used bounds it.
+    judge_cpu_s = time.process_time() - cpu_started
     n_refusals = sum(1 for row in verdicts if row["is_refusal"])
     words = sum(len(row["response"].split()) for row in rows) / len(rows)
-    print(f"judging: {judge_s:.1f} s for {len(rows)} responses ({words:.0f} words each on average; "
-          f"{n_refusals} judged refusals); budget {JUDGE_BUDGET_S:.0f} s per 1000")
+    print(
+        f"judging: {judge_s:.1f} s for {len(rows)} responses ({words:.0f} words each on average; "
+        f"{n_refusals} judged refusals); budget {JUDGE_BUDGET_S:.0f} s per 1000"
+    )
+    print(
+        f"judging CPU time: {judge_cpu_s:.1f} s over {torch.get_num_threads()} threads "
+        f"(wall time on idle cores is at least {judge_cpu_s / torch.get_num_threads():.1f} s)"
+    )
     per_thousand = judge_s * 1000 / len(rows)
     print(f"ratio: {JUDGE_BUDGET_S / per_thousand:.2f}")
 

@@ -38,11 +38,12 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
@@ -420,7 +421,7 @@ def parse_retry_after(headers: Mapping[str, str], now: Callable[[], datetime] | 
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    current = now() if now is not None else datetime.now(timezone.utc)
+    current = now() if now is not None else datetime.now(UTC)
     return max(0.0, (when - current).total_seconds())
 
 
@@ -650,7 +651,7 @@ def load_result_rows(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, 
                     )
             row = dict(row)
             if not row.get("id"):
-                digest = hashlib.sha256(f"{row['prompt']}\n{row['response']}".encode("utf-8")).hexdigest()
+                digest = hashlib.sha256(f"{row['prompt']}\n{row['response']}".encode()).hexdigest()
                 row["id"] = digest[:16]
             row.setdefault("source_file", str(path))
             row["source_line"] = line_number

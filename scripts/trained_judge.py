@@ -40,9 +40,10 @@ import math
 import re
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,6 @@ from scripts.refusal_phrases import (
     OWN_SPLITS,
     XSTEST_MODELS,
     LabelledCompletion,
-    evaluate_matcher,
     load_own_cases,
     read_xstest_completions_csv,
     xstest_cache_dir,
@@ -216,10 +216,6 @@ class EncodedResponses:
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def select(self, index: Sequence[int]) -> "EncodedResponses":
-        """The responses at ``index``, in that order."""
-        return EncodedResponses(self.pooled[list(index)], [self.chunks[i] for i in index])
-
 
 def encode_responses(encoder: SentenceEncoder, responses: Sequence[str]) -> EncodedResponses:
     """Chunk and embed every response with one encoder pass (see :data:`FEATURE_RECIPE`)."""
@@ -318,11 +314,19 @@ class TrainedHead:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "TrainedHead":
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> TrainedHead:
         """Inverse of :meth:`tensors`."""
         chunk_bias, bias, platt_a, platt_b, c = (float(v) for v in tensors["scalars"])
         return cls(
-            tensors["chunk_weight"], chunk_bias, tensors["mean"], tensors["scale"], tensors["weight"], bias, platt_a, platt_b, c
+            tensors["chunk_weight"],
+            chunk_bias,
+            tensors["mean"],
+            tensors["scale"],
+            tensors["weight"],
+            bias,
+            platt_a,
+            platt_b,
+            c,
         )
 
 
@@ -370,7 +374,9 @@ def fit_head(
     if len(y) != len(encoded):
         raise ValueError(f"{len(encoded)} encoded responses but {len(y)} labels")
     if min(int(y.sum()), int(len(y) - y.sum())) < n_folds:
-        raise ValueError(f"need at least {n_folds} refusals and {n_folds} compliances, got {int(y.sum())} and {int(len(y) - y.sum())}")
+        raise ValueError(
+            f"need at least {n_folds} refusals and {n_folds} compliances, got {int(y.sum())} and {int(len(y) - y.sum())}"
+        )
     everything = np.arange(len(y))
     folds = _folds(y, n_folds, seed)
     scores = torch.zeros(len(y), 3, dtype=torch.float64)
@@ -426,7 +432,9 @@ def save_head(head: TrainedHead, directory: str | Path, manifest: Mapping[str, A
     return directory
 
 
-def load_head(directory: str | Path = HEAD_DIR, encoder_version: str | None = None) -> tuple[TrainedHead, dict[str, Any]]:
+def load_head(
+    directory: str | Path = HEAD_DIR, encoder_version: str | None = None
+) -> tuple[TrainedHead, dict[str, Any]]:
     """The stored head and its manifest, checked against the installed encoder and this feature recipe.
 
     Args:
@@ -444,7 +452,9 @@ def load_head(directory: str | Path = HEAD_DIR, encoder_version: str | None = No
     directory = Path(directory)
     for name in (HEAD_FILE, MANIFEST_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing; build it with `python -m scripts.trained_judge train`")
+            raise FileNotFoundError(
+                f"{directory / name} is missing; build it with `python -m scripts.trained_judge train`"
+            )
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     installed = encoder_version if encoder_version is not None else installed_encoder_version()
     if installed is None:
@@ -462,7 +472,9 @@ def load_head(directory: str | Path = HEAD_DIR, encoder_version: str | None = No
     return TrainedHead.from_tensors(load_file(str(directory / HEAD_FILE))), manifest
 
 
-def load_xstest_files(models: Sequence[str] = XSTEST_MODELS, directory: Path | None = None) -> dict[str, list[LabelledCompletion]]:
+def load_xstest_files(
+    models: Sequence[str] = XSTEST_MODELS, directory: Path | None = None
+) -> dict[str, list[LabelledCompletion]]:
     """XSTest's labelled completions per model, read from the cache; a missing file raises ``FileNotFoundError``."""
     directory = directory if directory is not None else xstest_cache_dir()
     sets = {}
@@ -506,7 +518,9 @@ def _training_set_entry(name: str, items: Sequence[LabelledCompletion], path: Pa
         "name": name,
         "rows": len(items),
         "refusals": sum(item.is_refusal for item in items),
-        "file": None if path is None else (str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else path.name),
+        "file": None
+        if path is None
+        else (str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else path.name),
         "sha256": None if path is None else sha256_file(path),
     }
 
@@ -636,13 +650,19 @@ def format_report(report: Mapping[str, Any]) -> str:
     if report["leave_one_model_out"]:
         lines.append("\n### XSTest, leave one model out (trained on the other four files + own cases)\n\n" + header)
         for model, result in report["leave_one_model_out"].items():
-            lines.append(f"| {model} | {result['trained']['n']} | " + " | ".join(cell(result[j]) for j in judges) + " |\n")
+            lines.append(
+                f"| {model} | {result['trained']['n']} | " + " | ".join(cell(result[j]) for j in judges) + " |\n"
+            )
     else:
         lines.append("\nXSTest files not in the cache: leave-one-model-out not run.\n")
-    trained_on = "XSTest's five files + the other own rounds" if report["xstest_available"] else "the other own rounds only"
+    trained_on = (
+        "XSTest's five files + the other own rounds" if report["xstest_available"] else "the other own rounds only"
+    )
     lines.append(f"\n### Own labelled rounds, each held out (trained on {trained_on})\n\n" + header)
     for split, result in report["own_rounds"].items():
-        lines.append(f"| own {split} | {result['trained']['n']} | " + " | ".join(cell(result[j]) for j in judges) + " |\n")
+        lines.append(
+            f"| own {split} | {result['trained']['n']} | " + " | ".join(cell(result[j]) for j in judges) + " |\n"
+        )
     lines.append(
         "\nThe phrase judge (v10) was tuned on own dev..heldout5 and XSTest's Mistral dev/heldout1 splits: its figures "
         "there are not held-out ones.\n"
