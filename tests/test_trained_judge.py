@@ -204,3 +204,21 @@ def test_run_judge_caches_trained_verdicts(
     monkeypatch.setattr(judge, "judge_batch", fail)
     again = run_judge(rows, judge, cache=VerdictCache(tmp_path / "cache.jsonl"), progress=False)
     assert [row["refusal_score"] for row in again] == [row["refusal_score"] for row in first]
+
+
+@pytest.mark.xstest
+def test_shipped_head_names_the_cached_xstest_files_it_was_trained_on() -> None:
+    # Where the XSTest files are cached, a head that claims them must have been trained on exactly these bytes.
+    manifest = json.loads((HEAD_DIR / "manifest.json").read_text())
+    if not manifest["xstest_used"]:
+        pytest.skip("the shipped head was trained without XSTest (python -m scripts.trained_judge train --no-xstest)")
+    try:
+        sets = trained_judge.load_xstest_files()
+    except FileNotFoundError as error:
+        pytest.skip(f"XSTest completions not fetched: {error}")
+    recorded = {entry["name"]: entry for entry in manifest["training_sets"]}
+    for model, items in sets.items():
+        entry = recorded[f"xstest:{model}"]
+        assert entry["rows"] == len(items)
+        path = trained_judge.xstest_cache_dir() / trained_judge.xstest_file_name(model)
+        assert entry["sha256"] == trained_judge.sha256_file(path)
