@@ -83,16 +83,21 @@ def evaluation_prompts(data: OfflineData) -> list[str]:
 
 def time_steps(
     step: Callable[[list[SFTExample]], None], examples: Sequence[SFTExample], batches: Sequence[Sequence[int]]
-) -> tuple[float, int]:
-    """Seconds per step over ``batches`` (after one untimed warm-up step) and the padded tokens they held."""
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds per step over ``batches`` (after one untimed warm-up step) and the padded tokens they held.
+
+    With one thread, CPU seconds are what the step costs on a quiet core; on a shared CPU the wall
+    time also holds the waits for other jobs.
+    """
     step([examples[i] for i in batches[0]])
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     padded = 0
     for batch in batches[1:]:
         rows = [examples[i] for i in batch]
         padded += len(rows) * max(len(row.input_ids) for row in rows)
         step(rows)
-    return (time.perf_counter() - began) / max(1, len(batches) - 1), padded
+    steps = max(1, len(batches) - 1)
+    return (time.perf_counter() - began) / steps, (time.process_time() - began_cpu) / steps, padded
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -136,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     lengths = [len(example.input_ids) for example in examples]
     ours_batches = epoch_batches(lengths, config.batch_size, config.seed, 0)[: args.steps + 1]
-    ours_s, ours_tokens = time_steps(ours, examples, ours_batches)
+    ours_s, ours_cpu, ours_tokens = time_steps(ours, examples, ours_batches)
 
     model.load_state_dict(initial)
     baseline_optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
@@ -152,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     baseline_batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)][: args.steps + 1]
-    baseline_s, baseline_tokens = time_steps(baseline, examples, baseline_batches)
+    baseline_s, baseline_cpu, baseline_tokens = time_steps(baseline, examples, baseline_batches)
 
     model.eval()
     prompts = evaluation_prompts(data)
@@ -167,10 +172,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     logger.info("examples: %d, schedule: %d steps (%d epochs, batch %d)", len(examples), schedule_steps,
                 config.epochs, config.batch_size)  # fmt: skip
-    rows = (("ours", precision.name, ours_s, ours_tokens), ("baseline", "float32", baseline_s, baseline_tokens))
-    for name, dtype, seconds, tokens in rows:
-        logger.info("%-8s %-8s %.2f s/step, %d padded tokens in %d timed steps, projected %.1f min for the schedule",
-                    name, dtype, seconds, tokens, args.steps, seconds * schedule_steps / 60)  # fmt: skip
+    rows = (
+        ("ours", precision.name, ours_s, ours_cpu, ours_tokens),
+        ("baseline", "float32", baseline_s, baseline_cpu, baseline_tokens),
+    )
+    for name, dtype, seconds, cpu_seconds, tokens in rows:
+        logger.info("%-8s %-8s %.2f s/step (CPU %.2f s/step), %d padded tokens in %d timed steps, projected %.1f min "
+                    "for the schedule", name, dtype, seconds, cpu_seconds, tokens, args.steps,
+                    seconds * schedule_steps / 60)  # fmt: skip
     logger.info("projected build (training + evaluation, benign answers cached): %.1f min on %s (%s)",
                 (ours_s * schedule_steps + evaluation_s) / 60, cpu["cpu"], cpu["cpu_capability"])  # fmt: skip
     logger.info("ratio: %.2f", baseline_s / ours_s)
