@@ -41,7 +41,7 @@ from scripts.report import summarise_verdicts  # noqa: E402
 
 logger = logging.getLogger("refusal_tradeoff_plot")
 
-JUDGE_PREFERENCE: tuple[str, ...] = ("azure", "phrase", "token")
+JUDGE_PREFERENCE: tuple[str, ...] = ("azure", "trained", "phrase", "token")
 DEFAULT_GOOD_REGION = (0.2, 0.8)
 """(highest over-refusal, lowest refusal) of the shaded desired region."""
 
