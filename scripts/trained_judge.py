@@ -20,7 +20,12 @@ no pickle, and the judge needs no labelled data at run time.
 Training data: XSTest v2's human-labelled completions (five chat models; fetched into the user cache,
 never stored in the repository) and the own labelled cases of ``data/judge_labels/``; full and
 partial refusals count as refusals. No other public human-labelled refusal set is trained or tuned
-on: those are kept for independent evaluation.
+on: those are kept for independent evaluation. The shipped head's manifest says which sets it was
+trained on (``xstest_used``); ``data/judge_labels/README.md`` gives its measured agreement, each
+figure with its set.
+
+Limit: a refusal that follows an answer gets a high chunk score but a low verdict, because no
+training row has that shape (every labelled partial refusal opens with the refusal).
 
 Commands::
 
