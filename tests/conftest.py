@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from scripts.precision import cpu_bfloat16_support, cpu_description
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, add_refusal_tokens
 from tests.tiny import build_tiny_model, build_tiny_tokenizer
+
+
+def pytest_report_header(config) -> list[str]:
+    """The CPU the suite ran on and whether it computes bfloat16 natively (kernel paths differ between the two)."""
+    cpu = cpu_description()
+    native, reason = cpu_bfloat16_support()
+    return [f"cpu: {cpu['cpu']} ({cpu['machine']}), torch capability {cpu['cpu_capability']}",
+            f"native bfloat16: {native} ({reason})"]
 
 
 @pytest.fixture(scope="session")

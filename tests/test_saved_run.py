@@ -15,7 +15,7 @@ from scripts.pipeline import fit_category_vectors, fit_router, fit_routing_probe
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
 from scripts.saved_run import RunMismatchError, load_run
 from scripts.steering import categorical, refusal_token_probabilities, token_router_scores
-from tests.test_pipeline import CATEGORIES, WORDS, make, records
+from tests.test_pipeline import CATEGORIES, WORDS, records
 from tests.tiny_steering import build_hooked_tiny
 
 LAYER = 1
