@@ -107,6 +107,54 @@ def run_description(summary: Mapping[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
+EXECUTED_NOTEBOOK = "refusal_tokens.executed.ipynb"
+
+
+def notebook_seconds(run_dir: str | Path) -> float | None:
+    """Wall seconds of the run's last notebook execution, as papermill recorded it in the executed notebook."""
+    path = Path(run_dir) / EXECUTED_NOTEBOOK
+    if not path.exists():
+        return None
+    duration = json.loads(path.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {}).get("duration")
+    return float(duration) if duration is not None else None
+
+
+def build_metrics(summary: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ``metrics.json`` of the refusal-token build the run loaded, where its model is such a local build."""
+    from scripts.model import REFUSAL_TOKEN_MODEL_ALIAS
+    from scripts.paths import models_dir
+
+    model = str(summary.get("model") or "")
+    directory = models_dir() / REFUSAL_TOKEN_MODEL_ALIAS if model == REFUSAL_TOKEN_MODEL_ALIAS else Path(model)
+    path = directory / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if model and path.is_file() else None
+
+
+def timing_description(summary: Mapping[str, Any], run_dir: str | Path) -> str:
+    """One sentence: how long the model build and the notebook took, and on which CPU and precision.
+
+    The build's phases come from its ``metrics.json``; the notebook's time is papermill's record of its last
+    execution (shorter when that execution resumed saved generations). Empty where neither is recorded.
+    """
+    parts = []
+    metrics = build_metrics(summary)
+    if metrics and metrics.get("timings", {}).get("total_s") is not None:
+        timings = metrics["timings"]
+        phases = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds / 60:.1f}"
+                           for name, seconds in timings.items() if name != "total_s")  # fmt: skip
+        precision = (metrics.get("precision") or {}).get("resolved", "unrecorded precision")
+        parts.append(f"the refusal-token build {timings['total_s'] / 60:.1f} min ({phases}; {precision}, "
+                     f"{metrics.get('torch_threads', '?')} threads on {metrics.get('cpu', 'an unrecorded CPU')}, "
+                     f"capability {metrics.get('cpu_capability', '?')})")  # fmt: skip
+    seconds = notebook_seconds(run_dir)
+    if seconds is not None:
+        machine = summary.get("machine") or {}
+        parts.append(f"the notebook {seconds / 60:.1f} min ({machine.get('torch_threads', '?')} threads on "
+                     f"{machine.get('cpu', 'an unrecorded CPU')}, capability {machine.get('cpu_capability', '?')}; "
+                     "its last execution, as papermill recorded it)")  # fmt: skip
+    return ("Time: " + "; ".join(parts) + ".") if parts else ""
+
+
 def _small_note(text: str) -> str:
     if SMALL_MARK not in text:
         return ""
@@ -161,19 +209,21 @@ def data_curve_table(curve: Mapping[str, Any]) -> str:
     return f"Held-out source `{curve['source']}`.\n\n" + _markdown_table(header, rows)
 
 
-def readme_block(summary: Mapping[str, Any]) -> str:
-    """The README's results block: the run description and the main table."""
+def readme_block(summary: Mapping[str, Any], timing: str = "") -> str:
+    """The README's results block: the run description, the main table and the run's timing sentence."""
     table = condition_table(summary)
-    return "\n\n".join([run_description(summary), table + _small_note(table),
-                        "All tables of the run, with leave-one-source-out and the data curve: "
-                        "[docs/results.md](docs/results.md)."])
+    parts = [run_description(summary), table + _small_note(table), timing,
+             "All tables of the run, with leave-one-source-out and the data curve: [docs/results.md](docs/results.md)."]
+    return "\n\n".join(part for part in parts if part)
 
 
-def results_page(summary: Mapping[str, Any], figures: Sequence[str] = ()) -> str:
+def results_page(summary: Mapping[str, Any], figures: Sequence[str] = (), timing: str = "") -> str:
     """``docs/results.md``: every table of the run and the figures copied beside it."""
     table = condition_table(summary)
     sections = ["# Results of one run", "Written by `python -m scripts.results_doc` from the run's `summary.json`; "
-                "nothing here is typed by hand.", run_description(summary), "## Conditions", table + _small_note(table)]
+                "nothing here is typed by hand.", run_description(summary)]
+    sections += [timing] if timing else []
+    sections += ["## Conditions", table + _small_note(table)]
     if "refusal_tradeoff.png" in figures:
         sections.append("![refusal vs over-refusal](refusal_tradeoff.png)")
     if "layer_sweep.png" in figures:
@@ -226,10 +276,11 @@ def publish(summary_path: str | Path, readme: str | Path, docs: str | Path) -> l
             shutil.copyfile(path, docs / name)
             written.append(docs / name)
             figures.append(name)
+    timing = timing_description(summary, summary_path.parent)
     page = docs / "results.md"
-    page.write_text(results_page(summary, figures))
+    page.write_text(results_page(summary, figures, timing))
     readme = Path(readme)
-    readme.write_text(replace_block(readme.read_text(), readme_block(summary)))
+    readme.write_text(replace_block(readme.read_text(), readme_block(summary, timing)))
     written += [page, readme]
     for path in written:
         logger.info("wrote %s", path)

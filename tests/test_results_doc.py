@@ -16,6 +16,7 @@ from scripts.results_doc import (
     format_cell,
     publish,
     replace_block,
+    timing_description,
 )
 
 
@@ -80,3 +81,23 @@ def test_publish_writes_the_block_the_page_and_copies_the_figures(tmp_path):
     text = readme.read_text()
     assert text.startswith("# Title\n") and text.endswith("rest\n") and "(84/100)" in text
     assert set(written) >= {readme, tmp_path / "docs" / "results.md"}
+
+
+def test_the_timing_sentence_reads_the_build_metrics_and_papermills_record(tmp_path):
+    model_dir, run_dir = tmp_path / "model", tmp_path / "run"
+    model_dir.mkdir()
+    run_dir.mkdir()
+    (model_dir / "metrics.json").write_text(json.dumps({
+        "timings": {"benign_answers_s": 120.0, "training_s": 600.0, "evaluation_s": 90.0, "total_s": 810.0},
+        "precision": {"requested": "auto", "resolved": "float32"}, "cpu": "Some CPU", "cpu_capability": "AVX2",
+        "torch_threads": 2,
+    }))
+    (run_dir / "refusal_tokens.executed.ipynb").write_text(json.dumps(
+        {"cells": [], "metadata": {"papermill": {"duration": 1530.0}}}))
+    summary = {**_summary(), "model": str(model_dir),
+               "machine": {"cpu": "Some CPU", "cpu_capability": "AVX2", "torch_threads": 1}}
+    text = timing_description(summary, run_dir)
+    assert "the refusal-token build 13.5 min (benign answers 2.0, training 10.0, evaluation 1.5; float32" in text
+    assert "2 threads on Some CPU, capability AVX2" in text
+    assert "the notebook 25.5 min (1 threads on Some CPU" in text
+    assert timing_description({**_summary(), "model": str(tmp_path / "absent")}, tmp_path) == ""
