@@ -11,7 +11,7 @@ Both sides run the same model on the same prompts, batch size and device:
 The activations are checked to agree (allclose) before timings are printed. The last line is
 ``ratio: X`` (baseline time / our time; target >= 2.2 for SmolLM2-135M, 256 prompts, layer 15).
 
-Run: ``PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/caching.py [--n 256] [--layer 15] [--batch-size 32]``.
+Run: ``HF_HUB_OFFLINE=1 python bench/caching.py [--n 256] [--layer 15] [--batch-size 32]``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from scripts.activation_caching import cache_activations, last_token_indices, pad_batch, position_ids_from_mask
 from scripts.hooked_model import wrap_model
 from scripts.model import format_chat, load_model
+from scripts.precision import cpu_description
 
 logger = logging.getLogger("bench.caching")
 
@@ -114,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"activations disagree: max |diff| {difference:.3g} > {tolerance:.3g}")
     logger.info("activations agree: max |diff| %.3g (max |value| %.3g)", difference, scale)
     ours_best, baseline_best = min(ours_times), min(baseline_times)
+    cpu = cpu_description()
+    print(f"CPU: {cpu['cpu']} ({cpu['machine']}), torch capability {cpu['cpu_capability']}, "
+          f"{torch.get_num_threads()} torch threads")
     print(f"ours (sorted batches, stop after layer {args.layer}): {ours_best:.3f} s")
     print(f"baseline (batches as given, full forward + hidden states): {baseline_best:.3f} s")
     print(f"ratio: {baseline_best / ours_best:.2f}")

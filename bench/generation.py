@@ -16,7 +16,7 @@ can read them. The plan is computed once, outside the timings.
 The last line is ``ratio: X`` (baseline time / our time; target >= 3 on 2 CPU cores for SmolLM2-135M,
 32 prompts x 48 new tokens).
 
-Run: ``PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/generation.py [--n 32] [--max-new-tokens 48] [--steering probe]
+Run: ``HF_HUB_OFFLINE=1 python bench/generation.py [--n 32] [--max-new-tokens 48] [--steering probe]
 [--threads N]``.
 """
 
@@ -33,6 +33,7 @@ import torch
 from scripts.activation_caching import cache_activations
 from scripts.hooked_model import wrap_model
 from scripts.model import format_chat, generate_ids, load_model
+from scripts.precision import cpu_description
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, add_refusal_tokens
 from scripts.steering import PlannedCondition, categorical, fixed_category, probe_router
 
@@ -126,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Padding changes float rounding, so greedy outputs may part at near-ties; most should agree.
     identical = sum(a == b for a, b in zip(ours_outputs, baseline_outputs))
     logger.info("identical greedy outputs (batched vs one at a time): %d of %d", identical, len(texts))
+    cpu = cpu_description()
+    print(f"CPU: {cpu['cpu']} ({cpu['machine']}), torch capability {cpu['cpu_capability']}, "
+          f"{torch.get_num_threads()} torch threads")
     print(f"ours (batch size {args.batch_size}): {min(ours_times):.2f} s, "
           f"{sum(len(row) for row in ours_outputs)} tokens")
     print(f"baseline (one prompt at a time): {min(baseline_times):.2f} s, "

@@ -10,16 +10,14 @@
 
 The last line is ``ratio: X`` (60 s / the judging time for 1,000 responses; 1 or more meets the target).
 
-Run: ``PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/trained_judge.py [--n 1000] [--skip-train]``.
+Run: ``HF_HUB_OFFLINE=1 python bench/trained_judge.py [--n 1000] [--skip-train]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import random
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,23 +25,12 @@ from pathlib import Path
 import torch
 
 from scripts.judge import TrainedJudge, run_judge
+from scripts.precision import cpu_description
 from scripts.refusal_phrases import load_own_cases
 from scripts.trained_judge import HEAD_DIR, load_xstest_files, train_main
 
 JUDGE_BUDGET_S = 60.0
 TRAIN_BUDGET_S = 600.0
-
-
-def cpu_name() -> str:
-    """``lscpu``'s model name, else ``platform.processor()``."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def bench_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -65,10 +52,9 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="time judging only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    print(
-        f"CPU: {cpu_name()}; torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    cpu = cpu_description()
+    print(f"CPU: {cpu['cpu']} ({cpu['machine']}); torch {torch.__version__}, capability {cpu['cpu_capability']}, "
+          f"{torch.get_num_threads()} threads")
     if not args.skip_train:
         try:
             load_xstest_files()
