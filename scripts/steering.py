@@ -21,6 +21,9 @@ from a router) and :func:`low_rank_combination` (a learned operator ``delta = f(
 :func:`probe_router` (a harmful-vs-benign probe, the paper's probe steering) and :func:`probe_token_router`
 (a probe averaged with the model's own refusal-token score, which ranks prompt sources neither was tuned
 on better than either). Routing needs one batched forward pass over all prompts, without generation.
+A probe router's :class:`RoutingPolicy` turns its decision score into the route and strength: the
+paper's binary one (full strength toward or away from refusal), one that abstains between two
+thresholds, or one that scales the strength by a calibrated harmful probability.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence, Union
 
@@ -428,15 +432,150 @@ def refusal_token_probabilities(
 # ---------------------------------------------------------------------------------------------------
 
 
+ROUTING_POLICIES: tuple[str, ...] = ("binary", "abstain", "graded")
+"""How a probe router turns its decision score into a route and a strength (see :class:`RoutingPolicy`)."""
+
+_POLICY_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "binary": (),
+    "abstain": ("low", "high"),
+    "graded": ("slope", "intercept"),
+}
+
+
+def _sigmoid(value: float) -> float:
+    """The logistic function in float64, without overflow for large ``|value|``."""
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    exponential = math.exp(value)
+    return exponential / (1.0 + exponential)
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """How a probe router turns each row's decision score into a route and a signed strength.
+
+    Scores are on the router's own decision scale: the probe's logit (``probe.decision_function``) for
+    :class:`ProbeRouter`, the ensemble score (``decision_function``) for :class:`ProbeTokenRouter`.
+    Build one with :func:`binary_policy`, :func:`abstain_policy` or :func:`graded_policy` (or
+    :func:`scripts.pipeline.fit_routing_policy`, which fits one on validation rows).
+
+    Attributes:
+        name: One of :data:`ROUTING_POLICIES`:
+            ``"binary"`` (the paper): the router's own decision at its threshold, full strength either way;
+            ``"abstain"``: toward refusal when ``score >= high``, away when ``score < low``, unsteered
+            in between (the row's category is still recorded);
+            ``"graded"``: ``p = sigmoid(slope · score + intercept)`` is a calibrated harmful probability;
+            ``positive_strength · (2p − 1)`` when ``p >= 0.5``, else ``negative_strength · (1 − 2p)``.
+        low, high: The abstain band (``low <= high``); ``None`` for the other policies.
+        slope, intercept: The graded calibration; ``None`` for the other policies.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), missing, extra or non-finite
+            parameters, or ``low > high``.
+    """
+
+    name: str = "binary"
+    low: float | None = None
+    high: float | None = None
+    slope: float | None = None
+    intercept: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ROUTING_POLICIES:
+            raise ValueError(f"unknown routing policy {self.name!r}; valid: {list(ROUTING_POLICIES)}")
+        needed = _POLICY_PARAMETERS[self.name]
+        for parameter in ("low", "high", "slope", "intercept"):
+            value = getattr(self, parameter)
+            if parameter not in needed:
+                if value is not None:
+                    raise ValueError(f"the {self.name} policy takes no {parameter}, got {value!r}")
+                continue
+            if value is None or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"the {self.name} policy needs a finite {parameter}, got {value!r}")
+            # Stored as float so that to_dict writes the same JSON whether an int or a float was given.
+            object.__setattr__(self, parameter, float(value))
+        if self.name == "abstain" and self.low > self.high:
+            raise ValueError(f"the abstain policy needs low <= high, got low={self.low} > high={self.high}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name", ...its parameters}``, JSON-serialisable; :meth:`from_dict` restores it exactly."""
+        parameters = _POLICY_PARAMETERS[self.name]
+        return {"name": self.name, **{parameter: getattr(self, parameter) for parameter in parameters}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RoutingPolicy":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: no or an unknown name, or keys the named policy does not take.
+        """
+        name = data.get("name")
+        if name not in ROUTING_POLICIES:
+            raise ValueError(f"unknown routing policy {name!r}; valid: {list(ROUTING_POLICIES)}")
+        extra = sorted(set(data) - {"name", *_POLICY_PARAMETERS[name]})
+        if extra:
+            raise ValueError(f"the {name} policy takes {list(_POLICY_PARAMETERS[name])}, got extra keys {extra}")
+        return cls(name, **{parameter: data.get(parameter) for parameter in _POLICY_PARAMETERS[name]})
+
+    def decide(
+        self, score: float | None, harmful: bool, positive_strength: float, negative_strength: float
+    ) -> tuple[str, float, dict[str, float]]:
+        """One row's ``(route, signed strength, extra evidence)``.
+
+        Args:
+            score: The row's decision score on the router's scale (``binary`` does not read it).
+            harmful: The router's own decision at its threshold (what ``binary`` follows, so that its
+                routes are exactly those of a router without a policy).
+        """
+        if self.name == "binary":
+            return ("harmful", positive_strength, {}) if harmful else ("benign", negative_strength, {})
+        if self.name == "abstain":
+            if score >= self.high:
+                return "harmful", positive_strength, {}
+            if score < self.low:
+                return "benign", negative_strength, {}
+            return "unsteered", 0.0, {}
+        probability = _sigmoid(self.slope * score + self.intercept)
+        evidence = {"harmful_probability": probability}
+        if probability >= 0.5:
+            return "harmful", positive_strength * max(0.0, 2 * probability - 1), evidence
+        return "benign", negative_strength * max(0.0, 1 - 2 * probability), evidence
+
+
+def binary_policy() -> RoutingPolicy:
+    """The paper's policy: the router's own decision, full strength toward or away from refusal."""
+    return RoutingPolicy("binary")
+
+
+def abstain_policy(low: float, high: float) -> RoutingPolicy:
+    """Toward refusal when ``score >= high``, away when ``score < low``, no steering in between.
+
+    Raises:
+        ValueError: ``low > high`` or a bound that is not finite.
+    """
+    return RoutingPolicy("abstain", low=low, high=high)
+
+
+def graded_policy(slope: float, intercept: float) -> RoutingPolicy:
+    """Strength scaled by the calibrated harmful probability ``p = sigmoid(slope · score + intercept)``.
+
+    ``positive_strength · max(0, 2p − 1)`` (route ``harmful``) when ``p >= 0.5``, else
+    ``negative_strength · max(0, 1 − 2p)`` (route ``benign``): full strength only where the router is
+    certain, none at ``p = 0.5``.
+    """
+    return RoutingPolicy("graded", slope=slope, intercept=intercept)
+
+
 @dataclass(frozen=True)
 class Route:
     """One row's routing decision.
 
     Attributes:
         route: ``"harmful"`` (steer toward refusal), ``"benign"`` (steer away) or ``"unsteered"``.
-        category: Category whose vector is used (``None`` when unsteered).
+        category: Category whose vector is used (``None`` when unsteered, except where a probe router's
+            policy abstains: the row's most likely category is recorded, though nothing is steered).
         strength: Signed steering strength (0 when unsteered).
-        info: Extra JSON-serialisable evidence (probe score, token probabilities).
+        info: Extra JSON-serialisable evidence (probe score, decision score, token probabilities).
     """
 
     route: str
@@ -468,6 +607,10 @@ class HarmfulnessProbe(Protocol):
     """
 
     threshold: float
+
+    def decision_function(self, features: torch.Tensor) -> torch.Tensor:
+        """``[N, d_model]`` → harmful logit ``[N]`` (the scale a :class:`RoutingPolicy` reads)."""
+        ...
 
     def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
         """``[N, d_model]`` → harmful probability ``[N]``."""
@@ -551,20 +694,39 @@ def signed_routes(
     category_probabilities: torch.Tensor,
     positive_strength: float,
     negative_strength: float,
+    router_scores: torch.Tensor | None = None,
+    policy: RoutingPolicy | None = None,
 ) -> list[Route]:
-    """Harmful rows toward refusal, the others away, each with its most likely category's vector.
+    """Each row's route and strength by ``policy``, with its most likely category's vector.
+
+    Under the default binary policy, harmful rows go toward refusal and the others away, at full strength.
 
     Args:
         scores: ``[N]`` the router's harmfulness scores (recorded as ``probe_score``).
-        harmful: ``[N]`` bool decisions.
+        harmful: ``[N]`` bool decisions at the router's own threshold.
         category_probabilities: ``[N, C]`` over ``categories``; the argmax picks each row's vector.
+        router_scores: ``[N]`` decision scores the policy reads (recorded as ``router_score``); may be
+            left out only under the binary policy.
+        policy: ``None``: :func:`binary_policy`.
+
+    Raises:
+        ValueError: a policy other than binary without ``router_scores``.
     """
+    policy = policy or binary_policy()
+    if router_scores is None and policy.name != "binary":
+        raise ValueError(f"the {policy.name} routing policy needs the router's decision scores")
+    decision_scores = [None] * len(harmful) if router_scores is None else router_scores.tolist()
     best = category_probabilities.argmax(dim=-1)
     routes = []
-    for score, is_harmful, index, row in zip(scores.tolist(), harmful.tolist(), best.tolist(), category_probabilities):
+    for score, decision_score, is_harmful, index, row in zip(
+        scores.tolist(), decision_scores, harmful.tolist(), best.tolist(), category_probabilities
+    ):
         info = {"probe_score": float(score), "category_probability": float(row[index])}
-        routes.append(Route("harmful" if is_harmful else "benign", categories[index],
-                            positive_strength if is_harmful else negative_strength, info))  # fmt: skip
+        if decision_score is not None:
+            info["router_score"] = float(decision_score)
+        route, strength, evidence = policy.decide(decision_score, bool(is_harmful), positive_strength,
+                                                  negative_strength)  # fmt: skip
+        routes.append(Route(route, categories[index], strength, {**info, **evidence}))
     return routes
 
 
@@ -581,6 +743,7 @@ class ProbeRouter:
     kind: str
     batch_size: int
     name: str = "probe"
+    policy: RoutingPolicy = field(default_factory=binary_policy)
     reads_first_token: ClassVar[bool] = False
     """Whether the decision reads the refusal-token distribution (a full forward pass, not a truncated one)."""
 
@@ -600,29 +763,35 @@ class ProbeRouter:
             activations = cached.layer(cached.layers[0])
         category_probabilities = (probabilities[:, :-1] if self.category_source == "token"
                                   else _head_probabilities(self.probe, activations, self.categories))  # fmt: skip
-        scores, harmful = self._decide(activations, probabilities)
-        if scores.shape != (len(texts),) or harmful.shape != (len(texts),):
+        scores, router_scores, harmful = self._decide(activations, probabilities)
+        if {scores.shape, router_scores.shape, harmful.shape} != {(len(texts),)}:
             raise ValueError(
-                f"the probe returned scores {tuple(scores.shape)} and decisions {tuple(harmful.shape)} "
-                f"for {len(texts)} texts; expected [N] and [N]"
+                f"the probe returned scores {tuple(scores.shape)}, decision scores {tuple(router_scores.shape)} "
+                f"and decisions {tuple(harmful.shape)} for {len(texts)} texts; expected [N] each"
             )
         return signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
-                              self.negative_strength)
+                              self.negative_strength, router_scores, self.policy)  # fmt: skip
 
     def _decide(
         self, activations: torch.Tensor, probabilities: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([N] scores, [N] bool harmful)``; ``probabilities`` ``[N, C + 1]`` is for routers that read it."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``([N] recorded scores, [N] decision scores, [N] bool harmful)``.
+
+        ``probabilities`` ``[N, C + 1]`` is for routers that read it. The recorded score is the probe's
+        probability (``probe_score``), the decision score its logit (what a policy reads).
+        """
         # The decision is the probe's own (it may threshold logits, which do not saturate like probabilities).
         scores = torch.as_tensor(self.probe.predict_proba(activations)).detach().float().cpu()
+        logits = torch.as_tensor(self.probe.decision_function(activations)).detach().cpu()
         harmful = torch.as_tensor(self.probe.predict(activations)).detach().cpu().bool()
-        return scores, harmful
+        return scores, logits, harmful
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
                 "probe_threshold": float(self.probe.threshold), "probe_sha256": tensor_fingerprint(self.probe),
                 "positive_strength": self.positive_strength, "negative_strength": self.negative_strength,
-                "category_source": self.category_source, "category_set": self.category_set.name}
+                "category_source": self.category_source, "category_set": self.category_set.name,
+                "policy": self.policy.to_dict()}
 
 
 def probe_router(
@@ -634,12 +803,14 @@ def probe_router(
     category_source: str = "token",
     kind: str | None = None,
     batch_size: int = 16,
+    policy: RoutingPolicy | None = None,
 ) -> ProbeRouter:
     """The paper's probe-routed categorical steering.
 
     One forward pass reads the last prompt position at ``layer``; rows the probe calls harmful (at its
     own threshold, ``probe.predict``) are steered toward refusal with their category's vector and
     ``positive_strength`` (paper +4), the others away from it with ``negative_strength`` (paper −6).
+    Another ``policy`` reads the probe's logit instead (:class:`RoutingPolicy`).
 
     Args:
         layer: Layer the probe reads; ``None`` takes the probe's own ``layer`` attribute.
@@ -647,6 +818,7 @@ def probe_router(
             assistant's first position, for harmful and benign rows alike; ``"probe_head"``: the argmax
             of the probe's category head (``predict_category_proba``; its ``categories`` must be the set's).
         kind: Hook kind the probe reads; ``None`` takes the probe's ``hook_kind`` (default ``resid_post``).
+        policy: ``None``: :func:`binary_policy` (the paper's).
 
     Raises:
         ValueError: an unknown ``category_source``, no layer, or a layer/kind that contradicts the probe's.
@@ -661,7 +833,8 @@ def probe_router(
     if kind is not None and probe_kind is not None and kind != probe_kind:
         raise ValueError(f"the probe was trained on hook kind {probe_kind!r}, not {kind!r}")
     return ProbeRouter(probe, probe_layer if layer is None else layer, category_set, float(positive_strength),
-                       float(negative_strength), category_source, kind or probe_kind or DEFAULT_KIND, batch_size)
+                       float(negative_strength), category_source, kind or probe_kind or DEFAULT_KIND, batch_size,
+                       policy=policy or binary_policy())  # fmt: skip
 
 
 class ProbeTokenScorer(Protocol):
@@ -693,18 +866,20 @@ class ProbeTokenRouter(ProbeRouter):
 
     def _decide(
         self, activations: torch.Tensor, probabilities: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ensemble score is both the recorded score and the decision score."""
         token_scores = token_router_scores(probabilities)
         scores = torch.as_tensor(self.probe.decision_function(activations, token_scores)).detach().cpu()
         harmful = torch.as_tensor(self.probe.predict(activations, token_scores)).detach().cpu().bool()
-        return scores, harmful
+        return scores, scores, harmful
 
     def metadata(self) -> dict[str, Any]:
         return {"router": self.name, "layer": self.layer, "hook": f"blocks.{self.layer}.hook_{self.kind}",
                 "threshold": float(getattr(self.probe, "threshold", float("nan"))),
                 "ensemble_sha256": tensor_fingerprint(self.probe),
                 "positive_strength": self.positive_strength, "negative_strength": self.negative_strength,
-                "category_source": self.category_source, "category_set": self.category_set.name}  # fmt: skip
+                "category_source": self.category_source, "category_set": self.category_set.name,
+                "policy": self.policy.to_dict()}  # fmt: skip
 
 
 def probe_token_router(
@@ -714,6 +889,7 @@ def probe_token_router(
     negative_strength: float = PAPER_NEGATIVE_STRENGTH,
     category_source: str = "token",
     batch_size: int = 16,
+    policy: RoutingPolicy | None = None,
 ) -> ProbeTokenRouter:
     """Probe-routed steering whose harmful/benign decision also weighs the model's own first token.
 
@@ -722,7 +898,7 @@ def probe_token_router(
     and the refusal-token distribution at the assistant's first position (:func:`token_router_scores`).
     Rows the ensemble calls harmful (at its own threshold) are steered toward refusal with
     ``positive_strength``, the others away with ``negative_strength``; the category is picked as in
-    :func:`probe_router`.
+    :func:`probe_router`. Another ``policy`` (default :func:`binary_policy`) reads the ensemble score instead.
 
     Raises:
         ValueError: an unknown ``category_source``, or an ensemble whose probe records no layer.
@@ -733,7 +909,7 @@ def probe_token_router(
         raise ValueError("the ensemble's probe does not record its layer")
     return ProbeTokenRouter(ensemble, int(ensemble.layer), category_set, float(positive_strength),
                             float(negative_strength), category_source, ensemble.hook_kind or DEFAULT_KIND,
-                            batch_size)  # fmt: skip
+                            batch_size, policy=policy or binary_policy())  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -748,7 +924,7 @@ class SteeringPlan:
     Attributes:
         batch_hook: Passed to :func:`scripts.model.generate_ids` (``None``: no hooks at all).
         decisions: One JSON-serialisable dict per row, e.g. ``{"route": "harmful", "routed_category":
-            ..., "strength": 4.0, "probe_score": 0.93}``.
+            ..., "strength": 4.0, "probe_score": 0.93, "router_score": 2.6}``.
         metadata: Condition-level settings (layer, hook, strengths, router, vector norms).
     """
 

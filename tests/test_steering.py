@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -194,8 +195,11 @@ class _LinearProbe:
         self.weight, self.threshold, self.head = weight, threshold, head
         self.categories = CATEGORIES.categories
 
+    def decision_function(self, activations: torch.Tensor) -> torch.Tensor:
+        return activations @ self.weight
+
     def predict_proba(self, activations: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(activations @ self.weight)
+        return torch.sigmoid(self.decision_function(activations))
 
     def predict(self, activations: torch.Tensor) -> torch.Tensor:
         return (self.predict_proba(activations) >= self.threshold).long()
@@ -306,6 +310,111 @@ def test_probe_token_router_averages_the_probe_with_the_models_own_token(hooked,
     assert router.metadata()["layer"] == LAYER and router.metadata()["router"] == "probe+token"
     with pytest.raises(ValueError, match="valid"):
         steering.probe_token_router(ensemble, CATEGORIES, category_source="nope")
+
+
+def test_routing_policies_round_trip_exactly_and_reject_bad_settings():
+    policies = [steering.binary_policy(), steering.abstain_policy(-0.1 - 0.2, 1 / 3),
+                steering.abstain_policy(2, 2), steering.graded_policy(math.pi, -1e-300)]
+    for policy in policies:
+        assert steering.RoutingPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+        assert policy.name in steering.ROUTING_POLICIES
+    assert steering.abstain_policy(2, 2).to_dict() == {"name": "abstain", "low": 2.0, "high": 2.0}
+    assert steering.RoutingPolicy() == steering.binary_policy()
+    assert steering.binary_policy().to_dict() == {"name": "binary"}
+    with pytest.raises(ValueError, match=r"unknown routing policy 'soft'; valid: \['binary', 'abstain', 'graded'\]"):
+        steering.RoutingPolicy.from_dict({"name": "soft"})
+    with pytest.raises(ValueError, match="low <= high"):
+        steering.abstain_policy(1.0, 0.5)
+    with pytest.raises(ValueError, match="finite slope"):
+        steering.graded_policy(float("nan"), 0.0)
+    with pytest.raises(ValueError, match="extra keys \\['low'\\]"):
+        steering.RoutingPolicy.from_dict({"name": "graded", "slope": 1.0, "intercept": 0.0, "low": 0.0})
+    with pytest.raises(ValueError, match="takes no slope"):
+        steering.RoutingPolicy("binary", slope=1.0)
+
+
+def _stand_in_router(hooked, texts, policy=None):
+    """A probe router on a stand-in probe whose threshold splits the five texts, and the texts' logits ``[5]``."""
+    reference = _reference_activations(hooked, texts)
+    weight = _random_vectors(1, hooked.d_model, seed=4)[0]
+    logits = reference @ weight
+    probe = _LinearProbe(weight, float(torch.sigmoid(logits).median()), _random_vectors(hooked.d_model, 5, seed=5))
+    return steering.probe_router(probe, LAYER, CATEGORIES, policy=policy), logits
+
+
+def test_the_binary_policy_routes_exactly_as_a_router_without_one(hooked, texts):
+    default, logits = _stand_in_router(hooked, texts)
+    binary, _ = _stand_in_router(hooked, texts, steering.binary_policy())
+    routes = default.route(hooked, texts)
+    assert binary.route(hooked, texts) == routes
+    probabilities = torch.sigmoid(logits)
+    for route, logit, probability in zip(routes, logits, probabilities):
+        harmful = bool(probability >= default.probe.threshold)
+        assert (route.route, route.strength) == (("harmful", 4.0) if harmful else ("benign", -6.0))
+        assert route.info["probe_score"] == pytest.approx(float(probability), abs=1e-5)
+        assert route.info["router_score"] == pytest.approx(float(logit), abs=1e-4)
+    assert default.metadata()["policy"] == {"name": "binary"}
+
+
+def test_the_abstain_policy_leaves_rows_between_its_thresholds_unsteered(hooked, texts):
+    binary, logits = _stand_in_router(hooked, texts)
+    ordered = logits.sort().values
+    # Halfway between neighbouring logits, so float32 rounding cannot move a row across a bound.
+    low, high = float(ordered[0] + ordered[1]) / 2, float(ordered[3] + ordered[4]) / 2
+    abstaining, _ = _stand_in_router(hooked, texts, steering.abstain_policy(low, high))
+    vectors = {c: v for c, v in zip(CATEGORIES.categories, _random_vectors(5, hooked.d_model, seed=8))}
+    plan = steering.categorical(vectors, abstaining, LAYER).plan(hooked, list(texts), texts)
+    routes, reference = abstaining.route(hooked, texts), binary.route(hooked, texts)
+    assert [r.route for r in routes].count("unsteered") == 3
+    with plan.batch_hook(range(len(texts))):
+        steered = _logits(hooked, texts)
+    unsteered = _logits(hooked, texts)
+    for row, (route, expected, logit) in enumerate(zip(routes, reference, logits)):
+        if low <= logit < high:
+            assert (route.route, route.strength, route.category) == ("unsteered", 0.0, expected.category)
+            assert route.info == expected.info
+            assert torch.equal(steered[row], unsteered[row])
+        else:
+            assert route == expected
+    assert abstaining.metadata()["policy"] == {"name": "abstain", "low": low, "high": high}
+
+
+def test_the_graded_policy_scales_the_strength_by_the_calibrated_probability(hooked, texts):
+    slope, intercept = 20.0, 1.0  # the stand-in logits lie within ±0.2: probabilities on both sides of ½
+    router, logits = _stand_in_router(hooked, texts, steering.graded_policy(slope, intercept))
+    routes = router.route(hooked, texts)
+    for route, logit in zip(routes, logits):
+        assert route.info["router_score"] == pytest.approx(float(logit), abs=1e-4)
+        p = 1 / (1 + math.exp(-(slope * route.info["router_score"] + intercept)))
+        expected = ("harmful", 4.0 * max(0.0, 2 * p - 1)) if p >= 0.5 else ("benign", -6.0 * max(0.0, 1 - 2 * p))
+        assert route.route == expected[0]
+        assert route.strength == pytest.approx(expected[1], rel=1e-12, abs=1e-15)
+        assert route.info["harmful_probability"] == pytest.approx(p, rel=1e-12)
+    assert {r.route for r in routes} == {"harmful", "benign"}
+    assert all(abs(r.strength) < (4.0 if r.route == "harmful" else 6.0) for r in routes)
+
+
+def test_the_probe_token_router_reads_its_policy_on_the_ensemble_score(hooked, texts):
+    from scripts.linear_probe import LinearProbe, ProbeTokenEnsemble
+
+    reference = _reference_activations(hooked, texts)
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    probe = LinearProbe(hooked.d_model, layer=LAYER, hook_kind="resid_post").fit(reference, labels, progress=False)
+    token_scores = steering.token_router_scores(steering.refusal_token_probabilities(hooked, texts, CATEGORIES))
+    ensemble = ProbeTokenEnsemble(probe).fit(reference, token_scores)
+    scores = ensemble.decision_function(reference, token_scores)
+    ordered = scores.sort().values
+    ensemble.set_threshold(float(ordered[2] + ordered[3]) / 2)
+    low, high = float(ordered[0] + ordered[1]) / 2, float(ordered[3] + ordered[4]) / 2
+    binary = steering.probe_token_router(ensemble, CATEGORIES).route(hooked, texts)
+    router = steering.probe_token_router(ensemble, CATEGORIES, policy=steering.abstain_policy(low, high))
+    for route, expected, score in zip(router.route(hooked, texts), binary, scores.tolist()):
+        assert route.info["router_score"] == route.info["probe_score"] == pytest.approx(score, abs=1e-6)
+        if low <= score < high:
+            assert (route.route, route.strength, route.category) == ("unsteered", 0.0, expected.category)
+        else:
+            assert route == expected
+    assert router.metadata()["policy"] == {"name": "abstain", "low": low, "high": high}
 
 
 def test_baseline_condition_installs_nothing(hooked, texts):
