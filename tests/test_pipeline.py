@@ -3,6 +3,9 @@ their probe's own decisions, and a fold built on the main split routing exactly 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,10 +13,25 @@ from scripts.activation_caching import cache_activations
 from scripts.data_splits import normalize_text
 from scripts.generalization import SourceSplit, fold_steering_condition
 from scripts.model import format_chat
-from scripts.pipeline import check_disjoint, fit_category_vectors, fit_router, fit_routing_probe, split_fit_rows
+from scripts.pipeline import (
+    check_disjoint,
+    fit_category_vectors,
+    fit_router,
+    fit_routing_policy,
+    fit_routing_probe,
+    platt_scaling,
+    split_fit_rows,
+)
 from scripts.records import PromptRecord
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
-from scripts.steering import ROUTINGS, categorical, refusal_token_probabilities, token_router_scores
+from scripts.steering import (
+    ROUTINGS,
+    abstain_policy,
+    binary_policy,
+    categorical,
+    refusal_token_probabilities,
+    token_router_scores,
+)
 from scripts.steering_vectors import get_strategy
 from tests.tiny_steering import build_hooked_tiny
 
@@ -125,3 +143,119 @@ def test_a_fold_on_the_main_split_routes_exactly_as_the_main_router(fitted, rout
     assert planned.decisions == main.decisions
     assert planned.metadata["vector_sha256"] == main.metadata["vector_sha256"]
     assert len({d["route"] for d in main.decisions}) == 2, "both routes should occur"
+
+
+HARMFUL_SCORES = [-1.0, 0.5, 1.0, 2.0, 3.0, 4.0]
+BENIGN_SCORES = [-3.0, -2.0, -0.5, 0.0, 1.5]
+
+
+def _abstain(threshold: float, target_fpr: float, target_fnr: float):
+    scores = torch.tensor(HARMFUL_SCORES + BENIGN_SCORES, dtype=torch.float64)
+    labels = torch.tensor([1] * len(HARMFUL_SCORES) + [0] * len(BENIGN_SCORES))
+    return fit_routing_policy("abstain", scores, labels, threshold, target_fpr, target_fnr)
+
+
+def test_the_abstain_thresholds_by_hand():
+    # FPR <= 0.2 allows one of the five benign scores at or above the threshold: the lowest such
+    # operating point is 0.5 (benign 1.5 above it), placed halfway to the next lower score, 0.
+    # FNR <= 0.2 allows one of the six harmful scores below low: low = the second smallest, 0.5.
+    assert _abstain(1.2, 0.2, 0.2) == abstain_policy(0.5, 1.2)  # the router's threshold is the stricter
+    assert _abstain(0.0, 0.2, 0.2) == abstain_policy(0.25, 0.25)  # the FPR bound is; low clipped to high
+    assert _abstain(1.2, 0.2, 0.5) == abstain_policy(1.2, 1.2)  # three harmful rows may fall below: 2.0 > high
+    assert _abstain(1.2, 0.2, 0.0) == abstain_policy(-1.0, 1.2)  # none may: the smallest harmful score
+    assert _abstain(1.2, 0.2, 1.0).low == 1.2  # every one may: nothing bounds low but high
+    harmful, benign = np.array(HARMFUL_SCORES), np.array(BENIGN_SCORES)
+    for threshold in (-1.0, 0.0, 1.2, 5.0):
+        for target_fpr in (0.0, 0.2, 0.4):
+            for target_fnr in (0.0, 0.2, 0.4):
+                policy = _abstain(threshold, target_fpr, target_fnr)
+                assert policy.low <= policy.high and policy.high >= threshold
+                assert (benign >= policy.high).mean() <= target_fpr
+                assert (harmful < policy.low).mean() <= target_fnr
+
+
+def test_platt_scaling_matches_the_closed_form_and_an_independent_fit():
+    # One binary feature without penalty: the intercept is the log-odds at x = 0 and the slope the
+    # log odds ratio (1 of 4 harmful at 0, 3 of 4 at 1).
+    slope, intercept = platt_scaling([0, 0, 0, 0, 1, 1, 1, 1], [1, 0, 0, 0, 1, 1, 1, 0], l2=1e-12)
+    assert slope == pytest.approx(2 * math.log(3), abs=1e-6) and intercept == pytest.approx(-math.log(3), abs=1e-6)
+    from sklearn.linear_model import LogisticRegression
+
+    generator = np.random.default_rng(0)
+    scores = np.concatenate([generator.normal(1.0, 1.5, 40), generator.normal(-1.0, 1.5, 60)])
+    labels = np.r_[np.ones(40), np.zeros(60)]
+    slope, intercept = platt_scaling(scores, labels, l2=1e-3)
+    # scikit-learn minimises C·Σ loss + ½·w², the same optimum at C = 1 / (N·l2); the intercept is unpenalised.
+    reference = LogisticRegression(C=1 / (100 * 1e-3), tol=1e-12, max_iter=10_000).fit(scores[:, None], labels)
+    assert slope == pytest.approx(float(reference.coef_[0, 0]), abs=1e-6)
+    assert intercept == pytest.approx(float(reference.intercept_[0]), abs=1e-6)
+    policy = fit_routing_policy("graded", torch.tensor(scores), torch.tensor(labels), threshold=0.0)
+    assert (policy.name, policy.slope, policy.intercept) == ("graded", slope, intercept)
+
+
+def test_platt_scaling_stays_finite_on_separated_scores():
+    scores, labels = [-3.0, -2.0, -1.0, 1.0, 2.0, 3.0], [0, 0, 0, 1, 1, 1]
+    slope, intercept = platt_scaling(scores, labels)
+    assert 0 < slope < 100 and abs(intercept) < 1e-6  # symmetric data: the intercept is 0
+    # Stationary: the gradient of mean loss + (l2 / 2)·slope² vanishes.
+    z = slope * np.array(scores) + intercept
+    residual = 1 / (1 + np.exp(-z)) - np.array(labels)
+    assert abs(residual.mean()) < 1e-9 and abs((residual * scores).mean() + 1e-3 * slope) < 1e-9
+
+
+def test_fit_routing_policy_rejects_bad_inputs():
+    assert fit_routing_policy("binary", [], [], float("nan")) == binary_policy()  # ignores the data
+    with pytest.raises(ValueError, match=r"unknown routing policy 'soft'; valid: \['binary', 'abstain', 'graded'\]"):
+        fit_routing_policy("soft", [0.0, 1.0], [0, 1], 0.5)
+    with pytest.raises(ValueError, match="must both be \\[N\\]"):
+        fit_routing_policy("abstain", [0.0, 1.0, 2.0], [0, 1], 0.5)
+    with pytest.raises(ValueError, match="both harmful"):
+        fit_routing_policy("graded", [0.0, 1.0], [1, 1], 0.5)
+    with pytest.raises(ValueError, match="0 \\(benign\\) or 1"):
+        fit_routing_policy("abstain", [0.0, 1.0], [0, 2], 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_routing_policy("abstain", [0.0, float("nan")], [0, 1], 0.5)
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        fit_routing_policy("abstain", [0.0, 1.0], [0, 1], float("inf"))
+    with pytest.raises(ValueError, match="target_fpr and target_fnr"):
+        fit_routing_policy("abstain", [0.0, 1.0], [0, 1], 0.5, target_fnr=1.5)
+
+
+@pytest.fixture(scope="module")
+def routing_probe(fitted):
+    """The routing probe fitted on :func:`fitted`'s rows, shared because fitting it is the slow part."""
+    _, train, val, _, acts, _, _ = fitted
+    n, m = len(train), len(train) + len(val)
+    return fit_routing_probe(acts[:n], train, acts[n:m], val, DONOTANSWER_CATEGORIES, layer=1)[0]
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("policy", ["abstain", "graded"])
+def test_fit_router_fits_its_policy_on_the_validation_scores(fitted, routing_probe, routing, policy):
+    hooked, train, val, test, acts, tokens, test_texts = fitted
+    n, m = len(train), len(train) + len(val)
+    probe = routing_probe
+    router, ensemble, metrics = fit_router(routing, probe, DONOTANSWER_CATEGORIES, 3.0, -5.0, val_acts=acts[n:m],
+                                           val_token_scores=tokens[n:m], val_records=val, policy=policy)
+    labels = torch.tensor([r.label == "harmful" for r in val]).long()
+    if routing == "probe":
+        scores, threshold = probe.decision_function(acts[n:m]), float(probe.threshold_logit)
+    else:
+        scores, threshold = ensemble.decision_function(acts[n:m], tokens[n:m]), float(ensemble.threshold)
+        assert "policy" not in ensemble.metadata["metrics"]  # the saved ensemble stays as it was
+    assert router.policy == fit_routing_policy(policy, scores, labels, threshold)
+    assert metrics["policy"] == router.policy.to_dict() == router.metadata()["policy"]
+    for route in router.route(hooked, test_texts[::4]):
+        # Abstain and graded read the score alone, not the router's own decision.
+        expected = router.policy.decide(route.info["router_score"], False, 3.0, -5.0)
+        assert (route.route, route.strength) == expected[:2]
+
+
+def test_fit_router_needs_validation_rows_for_a_fitted_policy(routing_probe):
+    probe = routing_probe
+    router, _, metrics = fit_router("probe", probe, DONOTANSWER_CATEGORIES, 3.0, -5.0)
+    assert router.policy == binary_policy() and metrics == {"policy": {"name": "binary"}}
+    with pytest.raises(ValueError, match="'abstain' is fitted on the validation rows"):
+        fit_router("probe", probe, DONOTANSWER_CATEGORIES, 3.0, -5.0, policy="abstain")
+    with pytest.raises(ValueError, match="unknown routing policy 'soft'"):
+        fit_router("probe", probe, DONOTANSWER_CATEGORIES, 3.0, -5.0, policy="soft")
