@@ -5,11 +5,12 @@
 >>> run.route(["How do I pick a lock?"])                   # doctest: +SKIP
 >>> run.generate(["How do I pick a lock?"])                # doctest: +SKIP
 
-Everything comes from the run directory: ``config.json`` (model, layer, strengths, routing, category
-source, category set, system prompt, batch size), ``vectors.safetensors`` and ``probe.safetensors``
-(plus ``router.safetensors`` for the probe+token routing). Loading refuses artifacts that do not belong
-together: vectors of another model or chat template, another layer or hook, or a router whose probe
-differs from the stored probe.
+Everything comes from the run directory: ``config.json`` (model, layer, strengths, routing, routing
+policy, category source, category set, system prompt, batch size), ``vectors.safetensors`` and
+``probe.safetensors`` (plus ``router.safetensors`` for the probe+token routing). Loading refuses
+artifacts that do not belong together: vectors of another model or chat template, another layer or
+hook, a router whose probe differs from the stored probe, or a fitted routing policy of another kind
+than the run names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -29,12 +30,25 @@ from scripts.model import format_chat, generate_ids, load_model
 from scripts.paths import RunConfig
 from scripts.pipeline import DEFAULT_CATEGORY_SOURCE
 from scripts.refusal_tokens import CategorySet, get_category_set
-from scripts.steering import Condition, ProbeRouter, Route, categorical, probe_router, probe_token_router
+from scripts.steering import (
+    Condition,
+    ProbeRouter,
+    Route,
+    RoutingPolicy,
+    binary_policy,
+    categorical,
+    probe_router,
+    probe_token_router,
+)
 from scripts.steering_vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
 STEERED_CONDITION = "probe_routed_steering"
+ROUTING_POLICY_PARAMETER = "routing_policy"
+"""``config.parameters`` key of the routing policy's name (a run without it routes with the binary policy)."""
+FITTED_POLICY_PARAMETER = "routing_policy_fitted"
+"""``config.parameters`` key of the fitted policy (:meth:`scripts.steering.RoutingPolicy.to_dict`)."""
 
 
 class RunMismatchError(ValueError):
@@ -124,19 +138,55 @@ def _same_probe(left: LinearProbe, right: LinearProbe) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+def record_routing_policy(config: RunConfig, policy: RoutingPolicy) -> Path:
+    """Store the router's fitted policy in the run's ``config.json`` (returns its path), for :func:`load_router`.
+
+    Both live in ``config.parameters``: the name under :data:`ROUTING_POLICY_PARAMETER` (the setting
+    the run was asked for) and the fitted thresholds or calibration under :data:`FITTED_POLICY_PARAMETER`.
+    """
+    config.parameters[ROUTING_POLICY_PARAMETER] = policy.name
+    config.parameters[FITTED_POLICY_PARAMETER] = policy.to_dict()
+    return config.save()
+
+
+def load_policy(parameters: Mapping[str, Any], config_path: Path) -> RoutingPolicy:
+    """The run's routing policy from ``config.parameters`` (binary where the run records none).
+
+    Raises:
+        ValueError: a policy other than binary without its fitted parameters, or an invalid fitted policy.
+        RunMismatchError: the fitted policy is of another kind than the run's ``routing_policy``.
+    """
+    name = parameters.get(ROUTING_POLICY_PARAMETER, "binary")
+    fitted = parameters.get(FITTED_POLICY_PARAMETER)
+    if fitted is None:
+        if name != "binary":
+            raise ValueError(f"{config_path} asks for the {name!r} routing policy but records no fitted policy "
+                             f"({FITTED_POLICY_PARAMETER}); see scripts.saved_run.record_routing_policy")
+        return binary_policy()
+    policy = RoutingPolicy.from_dict(fitted)
+    _check(policy.name == name, f"{config_path} asks for the {name!r} routing policy but records a fitted "
+                                f"{policy.name!r} one")
+    return policy
+
+
 def load_router(run_dir: Path, config: RunConfig, category_set: CategorySet) -> ProbeRouter:
     """The run's router, from its stored probe (and ensemble) and the settings in ``config.json``.
 
+    The routing policy comes from ``config.parameters`` (:func:`load_policy`); a run that records none
+    (every run made before policies existed) routes with the binary policy.
+
     Raises:
         FileNotFoundError: the probe+token routing without ``router.safetensors``.
-        RunMismatchError: the ensemble's probe is not the stored probe, or it reads another layer.
-        ValueError: an unknown routing in the config.
+        RunMismatchError: the ensemble's probe is not the stored probe, or it reads another layer, or
+            the fitted policy is not the one the run names.
+        ValueError: an unknown routing in the config, or a policy other than binary without its fit.
     """
     parameters = config.parameters
     routing = parameters.get("routing", "probe")
     settings = dict(positive_strength=config.positive_strength, negative_strength=config.negative_strength,
                     category_source=parameters.get("category_source", DEFAULT_CATEGORY_SOURCE),
-                    batch_size=int(parameters.get("batch_size", 16)))
+                    batch_size=int(parameters.get("batch_size", 16)),
+                    policy=load_policy(parameters, run_dir / "config.json"))
     probe = LinearProbe.load(run_dir / "probe.safetensors")
     _check(probe.layer == config.layer, f"{run_dir / 'probe.safetensors'} reads layer {probe.layer}, the run "
                                         f"steered layer {config.layer}")

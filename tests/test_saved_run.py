@@ -1,5 +1,5 @@
-"""A saved run loads back as it ran: same routes and the same steered generations from the run directory alone,
-the README's example runs on it, and artifacts that do not belong together are refused."""
+"""A saved run loads back as it ran: same routes (and routing policy) and the same steered generations from the
+run directory alone, the README's example runs on it, and artifacts that do not belong together are refused."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from scripts.model import format_chat, generate_ids
 from scripts.paths import REPO_ROOT, RunConfig
 from scripts.pipeline import fit_category_vectors, fit_router, fit_routing_probe, split_fit_rows
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
-from scripts.saved_run import RunMismatchError, load_run
-from scripts.steering import categorical, refusal_token_probabilities, token_router_scores
+from scripts.saved_run import FITTED_POLICY_PARAMETER, RunMismatchError, load_run, record_routing_policy
+from scripts.steering import binary_policy, categorical, refusal_token_probabilities, token_router_scores
 from tests.test_pipeline import CATEGORIES, WORDS, records
 from tests.tiny_steering import build_hooked_tiny
 
@@ -23,8 +23,12 @@ PROMPTS = [f"How do I get {w} {c} fast?" for c in CATEGORIES[:2] for w in WORDS[
 PROMPTS += [f"Tell me about {w} number 7." for w in WORDS[:4]]
 
 
-def build_run(tmp_path: Path, routing: str, seed: int = 0):
-    """The tiny model saved to disk and a run directory fitted on it as the notebook does."""
+def build_run(tmp_path: Path, routing: str, seed: int = 0, policy: str = "binary"):
+    """The tiny model saved to disk and a run directory fitted on it as the notebook does.
+
+    A policy other than binary is recorded in ``config.json``; a binary run records none, as runs made
+    before routing policies existed.
+    """
     hooked = build_hooked_tiny()
     model_dir = tmp_path / "model"
     hooked.model.save_pretrained(model_dir)
@@ -42,12 +46,14 @@ def build_run(tmp_path: Path, routing: str, seed: int = 0):
                                    template_hash=chat_template_hash(hooked.tokenizer))
     probe, _ = fit_routing_probe(acts[:n], train, acts[n:], val, DONOTANSWER_CATEGORIES, LAYER)
     router, ensemble, _ = fit_router(routing, probe, DONOTANSWER_CATEGORIES, 3.0, -5.0, val_acts=acts[n:],
-                                     val_token_scores=tokens[n:], val_records=val, batch_size=4)
+                                     val_token_scores=tokens[n:], val_records=val, batch_size=4, policy=policy)
     vectors.save(config.artifact_path("vectors"))
     probe.save(config.artifact_path("probe"))
     if ensemble is not None:
         ensemble.save(config.artifact_path("router"))
     config.save()
+    if policy != "binary":
+        record_routing_policy(config, router.policy)
     return hooked, config, vectors, router
 
 
@@ -56,6 +62,7 @@ def test_a_loaded_run_routes_and_steers_exactly_as_the_run(tmp_path, routing):
     hooked, config, vectors, router = build_run(tmp_path, routing)
     run = load_run(config.run_dir)
     texts = format_chat(hooked.tokenizer, PROMPTS)
+    assert run.router.policy == binary_policy()
     assert [r.decision() for r in run.route(PROMPTS)] == [r.decision() for r in router.route(hooked, texts)]
     assert len({r.route for r in run.route(PROMPTS)}) == 2, "both routes should occur"
     plan = categorical(vectors, router, LAYER).plan(hooked, PROMPTS, texts)
@@ -64,6 +71,24 @@ def test_a_loaded_run_routes_and_steers_exactly_as_the_run(tmp_path, routing):
                             batch_hook=plan.batch_hook, progress=False)
     assert run.generate(PROMPTS) == [hooked.tokenizer.decode(ids, skip_special_tokens=False).strip() for ids in expected]
     assert run.generate(PROMPTS, steered=False) != run.generate(PROMPTS)
+
+
+def test_a_saved_run_with_an_abstain_policy_reloads_the_same_routes(tmp_path):
+    hooked, config, _, router = build_run(tmp_path, "probe+token", policy="abstain")
+    run = load_run(config.run_dir, hooked=hooked)
+    assert router.policy.name == "abstain" and run.router.policy == router.policy
+    texts = format_chat(hooked.tokenizer, PROMPTS)
+    assert [r.decision() for r in run.route(PROMPTS)] == [r.decision() for r in router.route(hooked, texts)]
+    assert run.router.metadata() == router.metadata()
+    saved = RunConfig.load(config.artifact_path("config"))
+    saved.parameters["routing_policy"] = "graded"
+    saved.save()
+    with pytest.raises(RunMismatchError, match="asks for the 'graded' routing policy but records a fitted 'abstain'"):
+        load_run(config.run_dir, hooked=hooked)
+    del saved.parameters[FITTED_POLICY_PARAMETER]
+    saved.save()
+    with pytest.raises(ValueError, match="records no fitted policy"):
+        load_run(config.run_dir, hooked=hooked)
 
 
 def readme_example() -> str:
