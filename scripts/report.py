@@ -1,4 +1,5 @@
-"""Refusal rates with confidence intervals, judge agreement, and the summary table of a judged run.
+"""Refusal rates with confidence intervals, judge agreement, paired comparisons of two conditions, and the
+summary table of a judged run.
 
 Everything here is pure arithmetic on verdict rows (dicts with ``is_refusal`` true/false/null,
 ``judge``, and the input fields ``condition``, ``label``, ``category``, optionally ``strength``), so
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from statistics import NormalDist
 from typing import Any, Iterable, Mapping, Sequence
 
 DEFAULT_CONDITION = "default"
@@ -104,6 +106,114 @@ def rate_summary(verdicts: Iterable[bool | None], z: float = 1.96) -> dict[str, 
         return {"n": 0, "n_errors": n_errors, "k": 0, "rate": None, "ci": None}
     low, high = wilson_interval(k, n, z)
     return {"n": n, "n_errors": n_errors, "k": k, "rate": k / n, "ci": [low, high]}
+
+
+def mcnemar_exact_p(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant pair counts.
+
+    Under no difference each discordant pair is ``a_only`` or ``b_only`` with probability ½, so the
+    p-value is ``min(1, 2 · P(X <= min(a_only, b_only)))`` for ``X ~ Binomial(a_only + b_only, ½)``;
+    1 without discordant pairs.
+
+    Raises:
+        ValueError: a negative count.
+    """
+    if a_only < 0 or b_only < 0:
+        raise ValueError(f"discordant counts must be non-negative, got {a_only} and {b_only}")
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    # Integer arithmetic, then one correctly rounded division: exact for any n.
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def newcombe_paired_interval(both: int, a_only: int, b_only: int, neither: int, z: float = 1.96) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (1998, method 10) for ``rate_b − rate_a`` of paired proportions.
+
+    Each rate's Wilson interval is combined by "square and add", with the correlation of the two rates
+    estimated by the phi coefficient of the paired 2×2 table (corrected as Newcombe's method does: a
+    positive ``both · neither − a_only · b_only`` is reduced by ``n / 2``, and to 0 if it falls below;
+    0 where a margin is empty).
+
+    Args:
+        both, a_only, b_only, neither: The paired table: pairs where both conditions refused, only
+            ``a``, only ``b``, neither.
+        z: Standard-normal quantile (1.96: 95%).
+
+    Returns:
+        ``(low, high)`` around ``(b_only − a_only) / n``.
+
+    Raises:
+        ValueError: a negative count, no pairs, or ``z`` not positive (from :func:`wilson_interval`).
+    """
+    if min(both, a_only, b_only, neither) < 0:
+        raise ValueError(f"counts must be non-negative, got {(both, a_only, b_only, neither)}")
+    n = both + a_only + b_only + neither
+    k_a, k_b = both + a_only, both + b_only
+    low_a, high_a = wilson_interval(k_a, n, z)
+    low_b, high_b = wilson_interval(k_b, n, z)
+    rate_a, rate_b = k_a / n, k_b / n
+    margins = k_a * (n - k_a) * k_b * (n - k_b)
+    phi = 0.0
+    if margins > 0:
+        association = both * neither - a_only * b_only
+        if association > n / 2:
+            phi = (association - n / 2) / math.sqrt(margins)
+        elif association < 0:
+            phi = association / math.sqrt(margins)
+    difference = (b_only - a_only) / n
+    # max(0, ...): |phi| <= 1 keeps each sum non-negative; rounding could take it a hair below.
+    below = math.sqrt(max(0.0, (rate_b - low_b) ** 2 - 2 * phi * (rate_b - low_b) * (high_a - rate_a)
+                          + (high_a - rate_a) ** 2))  # fmt: skip
+    above = math.sqrt(max(0.0, (rate_a - low_a) ** 2 - 2 * phi * (rate_a - low_a) * (high_b - rate_b)
+                          + (high_b - rate_b) ** 2))  # fmt: skip
+    return difference - below, difference + above
+
+
+def paired_difference(
+    a: Sequence[bool | None], b: Sequence[bool | None], confidence: float = 0.95
+) -> dict[str, Any]:
+    """Difference in refusal rate between two conditions judged on the same prompts, ``b`` minus ``a``.
+
+    Pairing removes the prompt-to-prompt variation both conditions share, so the interval is narrower
+    than two independent Wilson intervals would suggest. A pair where either verdict is ``None`` (an
+    error) is dropped and counted in ``n_errors``.
+
+    The interval is Newcombe's hybrid score interval for paired proportions
+    (:func:`newcombe_paired_interval`; closed form, no resampling), the p-value the exact two-sided
+    McNemar test on the discordant pairs (:func:`mcnemar_exact_p`).
+
+    Args:
+        a, b: Refusal verdicts of the same prompts in the same order under each condition.
+        confidence: Two-sided level of the interval.
+
+    Returns:
+        ``{"n", "n_errors", "rate_a", "rate_b", "difference" (rate_b − rate_a), "ci": [low, high],
+        "p_value", "discordant": [a_only, b_only]}`` (``a_only``: pairs only ``a`` refused); with no
+        complete pair the rates, difference, interval and p-value are ``None``.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length, or ``confidence`` is outside (0, 1).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired verdicts differ in length: {len(a)} vs {len(b)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    pairs = [(bool(x), bool(y)) for x, y in zip(a, b) if x is not None and y is not None]
+    n = len(pairs)
+    a_only = sum(x and not y for x, y in pairs)
+    b_only = sum(y and not x for x, y in pairs)
+    result: dict[str, Any] = {"n": n, "n_errors": len(a) - n, "discordant": [a_only, b_only]}
+    if n == 0:
+        result.update({"rate_a": None, "rate_b": None, "difference": None, "ci": None, "p_value": None})
+        return result
+    both = sum(x and y for x, y in pairs)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    low, high = newcombe_paired_interval(both, a_only, b_only, n - both - a_only - b_only, z)
+    result.update({"rate_a": (both + a_only) / n, "rate_b": (both + b_only) / n, "difference": (b_only - a_only) / n,
+                   "ci": [low, high], "p_value": mcnemar_exact_p(a_only, b_only)})
+    return result
 
 
 def metric_name(label: str) -> str:

@@ -1,4 +1,4 @@
-"""Tests of the rate, interval, agreement and summary arithmetic in ``scripts.report``."""
+"""Tests of the rate, interval, agreement, paired comparison and summary arithmetic in ``scripts.report``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,19 @@ import math
 import random
 
 import pytest
-from scipy.stats import norm
+from scipy.stats import binomtest, norm
 from sklearn.metrics import cohen_kappa_score
 
-from scripts.report import cohen_kappa, format_rate, format_table, rate_summary, summarise_verdicts, wilson_interval
+from scripts.report import (
+    cohen_kappa,
+    format_rate,
+    format_table,
+    mcnemar_exact_p,
+    paired_difference,
+    rate_summary,
+    summarise_verdicts,
+    wilson_interval,
+)
 
 
 def _wilson_by_inversion(k: int, n: int, z: float) -> tuple[float, float]:
@@ -197,3 +206,63 @@ def test_summarise_verdicts_rates_one_output_set_by_source_label_and_judge() -> 
     assert report["agreement"][0]["n"] == 120
     with pytest.raises(ValueError, match="including 'label'"):
         summarise_verdicts(rows, by=("source",))
+
+
+def _paired(both: int, a_only: int, b_only: int, neither: int) -> tuple[list[bool], list[bool]]:
+    """Verdict lists ``(a, b)`` of a paired table, pairs in a shuffled order."""
+    pairs = [(True, True)] * both + [(True, False)] * a_only + [(False, True)] * b_only + [(False, False)] * neither
+    random.Random(0).shuffle(pairs)
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def test_paired_difference_published_values() -> None:
+    # Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables, ch. 8 (Cavo et al. 2012):
+    # 59 both, 6 first only, 16 second only, 80 neither; Newcombe square-and-add: -0.0621 (-0.1186 to -0.0046)
+    # for first minus second, so second minus first is 0.0621 (0.0046 to 0.1186).
+    a, b = _paired(59, 6, 16, 80)
+    result = paired_difference(a, b)
+    assert result["n"] == 161 and result["n_errors"] == 0 and result["discordant"] == [6, 16]
+    assert result["difference"] == pytest.approx(10 / 161) and round(result["difference"], 4) == 0.0621
+    assert [round(bound, 4) for bound in result["ci"]] == [0.0046, 0.1186]
+    # Exact McNemar by hand: 2 · P(X <= 6) for X ~ Binomial(22, 1/2).
+    assert result["p_value"] == pytest.approx(2 * sum(math.comb(22, k) for k in range(7)) / 2**22, rel=1e-12)
+    assert round(result["p_value"], 3) == 0.052
+    swapped = paired_difference(b, a)
+    assert swapped["difference"] == -result["difference"] and swapped["p_value"] == result["p_value"]
+    assert swapped["ci"] == pytest.approx([-result["ci"][1], -result["ci"][0]], abs=1e-15)
+
+
+@pytest.mark.parametrize("a_only,b_only", [(0, 0), (0, 1), (1, 0), (3, 3), (2, 9), (10, 4), (0, 25), (40, 61)])
+def test_mcnemar_exact_p_is_the_doubled_binomial_tail(a_only: int, b_only: int) -> None:
+    n = a_only + b_only
+    by_hand = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2**n)
+    assert mcnemar_exact_p(a_only, b_only) == pytest.approx(by_hand, rel=1e-12)
+    if n:
+        assert mcnemar_exact_p(a_only, b_only) == pytest.approx(binomtest(a_only, n, 0.5).pvalue, rel=1e-9)
+
+
+@pytest.mark.parametrize("table", [(0, 0, 0, 5), (5, 0, 0, 0), (0, 5, 0, 0), (0, 0, 5, 0), (3, 1, 4, 2),
+                                   (1, 0, 9, 0), (40, 2, 3, 55), (0, 12, 0, 12), (7, 0, 0, 7)])
+def test_paired_difference_interval_holds_the_estimate(table: tuple[int, int, int, int]) -> None:
+    for confidence in (0.8, 0.95, 0.99):
+        result = paired_difference(*_paired(*table), confidence=confidence)
+        low, high = result["ci"]
+        assert -1.0 <= low <= result["difference"] <= high <= 1.0
+        assert result["difference"] == pytest.approx(result["rate_b"] - result["rate_a"])
+    narrow, wide = (paired_difference(*_paired(*table), confidence=c)["ci"] for c in (0.8, 0.99))
+    assert wide[0] <= narrow[0] and narrow[1] <= wide[1]
+
+
+def test_paired_difference_drops_pairs_with_an_error() -> None:
+    a, b = _paired(3, 1, 4, 2)
+    with_errors_a = a[:5] + [None, True, None] + a[5:]
+    with_errors_b = b[:5] + [False, None, None] + b[5:]
+    result = paired_difference(with_errors_a, with_errors_b)
+    assert result == {**paired_difference(a, b), "n_errors": 3}
+    empty = paired_difference([None, True], [False, None])
+    assert empty == {"n": 0, "n_errors": 2, "discordant": [0, 0], "rate_a": None, "rate_b": None,
+                     "difference": None, "ci": None, "p_value": None}
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference([True], [True, False])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_difference([True], [False], confidence=1.0)
