@@ -359,3 +359,12 @@ def run_conditions(
         paths[condition.name] = run_condition(hooked, records, condition, path, **kwargs)
         logger.info("condition %s written to %s", condition.name, path)
     return paths
+
+
+def first_responses(paths: Mapping[str, str | os.PathLike[str]], prompt_chars: int = 50, response_chars: int = 80) -> str:
+    """One line per condition: the first row's prompt and response (truncated), to eyeball a run."""
+    lines = []
+    for name, path in paths.items():
+        first = json.loads(Path(path).read_text().splitlines()[0])
+        lines.append(f"{name:24s} {first['prompt'][:prompt_chars]!r} -> {first['response'][:response_chars]!r}")
+    return "\n".join(lines)

@@ -51,7 +51,7 @@ from scripts.activation_caching import cache_activations
 from scripts.data_splits import leave_one_source_out, normalize_text, subsample_per_category, train_val_test_split
 from scripts.eval import run_condition
 from scripts.hooked_model import HookedModel
-from scripts.judge import Judge, VerdictCache, load_result_rows, run_judge
+from scripts.judge import Judge, VerdictCache, build_judge, load_result_rows, run_judge
 from scripts.linear_probe import (
     ArrayLike,
     LinearProbe,
@@ -60,6 +60,7 @@ from scripts.linear_probe import (
     rates_at_threshold,
     roc_auc,
 )
+from scripts.model import format_chat
 from scripts.pipeline import (
     DEFAULT_CATEGORY_SOURCE,
     DEFAULT_VECTOR_METHOD,
@@ -77,10 +78,12 @@ from scripts.steering import (
     ROUTINGS,
     Condition,
     Route,
+    baseline,
     categorical,
     refusal_token_probabilities,
     signed_routes,
     tensor_fingerprint,
+    token_router_scores,
 )
 from scripts.train_linear_probe import choose_threshold, train_multi_layer_probe, train_probe_token_ensemble
 
@@ -1017,3 +1020,205 @@ def format_generalization_table(generalization: Mapping[str, Any]) -> str:
         f"mean held-out AUC: {means}; best router: {generalization['best_router']}; steering router: {steering}"
     )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The notebook's section 12 as two stages: leave-one-source-out, then the look-alike data curve
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldSettings:
+    """What every fold's steering condition is built with (the main run's settings; :func:`fold_steering_condition`)."""
+
+    category_set: CategorySet
+    positive_strength: float
+    negative_strength: float
+    threshold_method: str = "fpr"
+    hook_kind: str = "resid_post"
+    model: str = ""
+    vector_method: str = DEFAULT_VECTOR_METHOD
+    category_source: str = DEFAULT_CATEGORY_SOURCE
+    template_hash: str = ""
+    batch_size: int = 16
+
+    def condition_kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments of :func:`fold_steering_condition`."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How held-out prompts are generated and judged (:func:`steering_generalization`).
+
+    Attributes:
+        judge_name: The judge that decides refusals (:func:`scripts.judge.build_judge`).
+        cache: The run's verdict cache, so a rerun asks the judge only about new responses.
+        max_per_label: Prompts per label of each held-out source generated under each condition.
+    """
+
+    judge_name: str
+    cache: VerdictCache | None = None
+    max_per_label: int = 40
+    max_new_tokens: int = 40
+    system_prompt: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LeaveOneSourceOut:
+    """What :func:`run_leave_one_source_out` measured, and the state the data curve reuses.
+
+    Attributes:
+        summary: The ``generalization`` block of ``summary.json`` (:func:`generalization_summary`).
+        records: The pool prompts of every fold (subsampled per source and label), contrast prompts last.
+        splits: Held-out source → its fold.
+        layers: The probe layers compared (the steering layer included).
+        steering_layer: The layer every fold steers at.
+        steering_acts: ``[N, d_model]`` activations of ``records`` at ``steering_layer``.
+        token_scores: ``[N]`` token router scores of ``records``.
+    """
+
+    summary: dict[str, Any]
+    records: list[PromptRecord]
+    splits: dict[str, SourceSplit]
+    layers: list[int]
+    steering_layer: int
+    steering_acts: torch.Tensor
+    token_scores: torch.Tensor
+
+
+def _chat_texts(tokenizer: Any, records: Sequence[PromptRecord], system_prompt: str | None) -> list[str]:
+    return format_chat(tokenizer, [record.prompt for record in records], system_prompt)
+
+
+def _token_scores(hooked: HookedModel, texts: Sequence[str], category_set: CategorySet, batch_size: int) -> torch.Tensor:
+    return token_router_scores(
+        refusal_token_probabilities(hooked, texts, category_set, batch_size=batch_size, progress=True))
+
+
+def run_leave_one_source_out(
+    hooked: HookedModel,
+    tokenizer: Any,
+    pool: Sequence[PromptRecord],
+    contrast: Sequence[PromptRecord],
+    settings: FoldSettings,
+    generation: GenerationSettings,
+    *,
+    held_out_sources: Sequence[str],
+    layers: Sequence[int],
+    steering_layer: int,
+    routing: str,
+    out_dir: str | os.PathLike[str],
+    n_per_source: int,
+    model_counts: Mapping[str, int] | None = None,
+) -> LeaveOneSourceOut:
+    """Probe AUCs at each layer and routed steering on each held-out source, each fold fitted without it.
+
+    ``n_per_source`` prompts per source and label are drawn from ``pool`` (minus ``contrast``) and from
+    ``contrast``; each fold (:func:`held_out_source_splits`) fits the probes, the router and the vectors
+    without its source (:func:`probe_generalization`, :func:`fold_steering_condition`), then the unsteered
+    model and the fold's routed steering generate on the source's prompts (:func:`steering_generalization`).
+
+    Args:
+        contrast: Held-out prompts of either label, never trained on in any fold.
+        layers: Probe layers compared; ``steering_layer`` is added.
+        routing: The router of the folds' steering (one of :data:`scripts.steering.ROUTINGS`).
+        out_dir: Where the generations go (``<source>/<condition>.jsonl``).
+    """
+    contrast_ids = {record.id for record in contrast}
+    gen_contrast = subsample_per_category(contrast, n_per_source, seed=generation.seed, by=("source", "label"))
+    records = subsample_per_category([record for record in pool if record.id not in contrast_ids], n_per_source,
+                                     seed=generation.seed, by=("source", "label")) + gen_contrast  # fmt: skip
+    texts = _chat_texts(tokenizer, records, generation.system_prompt)
+    all_layers = sorted(set(layers) | {steering_layer})
+    acts = cache_activations(hooked, texts, all_layers, hook_kind=settings.hook_kind, batch_size=settings.batch_size,
+                             cache=True, progress=True)  # fmt: skip
+    token_scores = _token_scores(hooked, texts, settings.category_set, settings.batch_size)
+    splits = held_out_source_splits(records, held_out_sources, seed=generation.seed, contrast=gen_contrast)
+    probe_results = probe_generalization({layer: acts.layer(layer) for layer in all_layers}, records, splits,
+                                         token_scores=token_scores, threshold_method=settings.threshold_method,
+                                         seed=generation.seed, progress=True)  # fmt: skip
+    # Steering on each held-out source with that fold's probe (at the steering layer), router and vectors.
+    steering_acts = acts.layer(steering_layer)
+    conditions = {
+        source: [baseline("base"), fold_steering_condition(steering_acts, records, split, steering_layer, routing,
+                                                           token_scores, **settings.condition_kwargs())]
+        for source, split in splits.items()
+    }  # fmt: skip
+    steering_results = steering_generalization(
+        hooked, {source: [r for r in split.test if r.source == source] for source, split in splits.items()},
+        conditions, build_judge(generation.judge_name, category_set=settings.category_set), out_dir,
+        max_per_label=generation.max_per_label, seed=generation.seed, batch_size=settings.batch_size,
+        max_new_tokens=generation.max_new_tokens, system_prompt=generation.system_prompt,
+        category_set=settings.category_set, progress=True, cache=generation.cache,
+    )  # fmt: skip
+    summary = generalization_summary(
+        probe_results, steering_results, model_counts=model_counts,
+        steering_router=(probe_token_router_name if routing == "probe+token" else probe_router_name)(steering_layer),
+        protocol={"held_out_sources": list(held_out_sources), "layers": all_layers, "steering_layer": steering_layer,
+                  "routing": routing, "pool_per_source_and_label": n_per_source,
+                  "generated_per_label": generation.max_per_label, "judge": generation.judge_name,
+                  "seed": generation.seed},
+    )  # fmt: skip
+    return LeaveOneSourceOut(summary, records, splits, all_layers, steering_layer, steering_acts, token_scores)
+
+
+def look_alike_data_curve(
+    hooked: HookedModel,
+    tokenizer: Any,
+    folds: LeaveOneSourceOut,
+    pool: Sequence[PromptRecord],
+    source: str,
+    shots: Sequence[int],
+    settings: FoldSettings,
+    generation: GenerationSettings,
+    out_dir: str | os.PathLike[str],
+) -> dict[str, Any]:
+    """Routed steering on one held-out source's fold with ``k`` of its own prompts added, for each ``k`` of ``shots``.
+
+    The first ``max(shots)`` prompts of ``source`` off its fold (:func:`source_shot_pool`) are the shots;
+    for each count and each routing of :data:`scripts.steering.ROUTINGS` the fold's probe, router and
+    vectors are refitted with them (:func:`add_source_shots`), the share of the source's held-out prompts
+    the router sends toward refusal is recorded, and the same held-out prompts are generated again.
+
+    Returns:
+        :func:`data_curve_summary` of the source, each point with ``routing``, ``shots``, ``val_shots``,
+        ``routed_toward_refusal``, ``routed_label`` and ``n_routed``.
+    """
+    layer, split = folds.steering_layer, folds.splits[source]
+    shot_pool = source_shot_pool(pool, split, seed=generation.seed)[:max(shots)]
+    shot_acts, shot_token_scores = folds.steering_acts[:0], folds.token_scores[:0]
+    if shot_pool:
+        shot_texts = _chat_texts(tokenizer, shot_pool, generation.system_prompt)
+        shot_acts = cache_activations(hooked, shot_texts, [layer], hook_kind=settings.hook_kind,
+                                      batch_size=settings.batch_size, progress=True).layer(layer)  # fmt: skip
+        shot_token_scores = _token_scores(hooked, shot_texts, settings.category_set, settings.batch_size)
+    records = folds.records + shot_pool
+    acts = torch.cat([folds.steering_acts, shot_acts])
+    token_scores = torch.cat([folds.token_scores, shot_token_scores])
+    # The share of all the source's held-out prompts (benign ones, if it has any) each router sends toward refusal.
+    own_label = "benign" if "benign" in split.source_labels else "harmful"
+    own_prompts = [r.prompt for r in split.test if r.source == source and r.label == own_label]
+    own_texts = _chat_texts(tokenizer, [r for r in split.test if r.source == source and r.label == own_label],
+                            generation.system_prompt)  # fmt: skip
+    conditions: list[Condition] = [baseline("base")]
+    points: dict[str, dict[str, Any]] = {}
+    for n_shots in shots:
+        shot_split = add_source_shots(split, shot_pool, n_shots)
+        for routing in ROUTINGS:
+            name = f"{routing}_shots{n_shots}"
+            conditions.append(fold_steering_condition(acts, records, shot_split, layer, routing, token_scores,
+                                                      name=name, **settings.condition_kwargs()))  # fmt: skip
+            decisions = conditions[-1].plan(hooked, own_prompts, own_texts).decisions
+            points[name] = {"routing": routing, "shots": n_shots, "val_shots": len(shot_split.val) - len(split.val),
+                            "routed_toward_refusal": float(np.mean([d["route"] == "harmful" for d in decisions])),
+                            "routed_label": own_label, "n_routed": len(decisions)}  # fmt: skip
+    rates = steering_generalization(
+        hooked, {source: split.test}, {source: conditions},
+        build_judge(generation.judge_name, category_set=settings.category_set), out_dir,
+        max_per_label=generation.max_per_label, seed=generation.seed, batch_size=settings.batch_size,
+        max_new_tokens=generation.max_new_tokens, system_prompt=generation.system_prompt,
+        category_set=settings.category_set, progress=True, cache=generation.cache,
+    )  # fmt: skip
+    return data_curve_summary(source, rates[source], points)

@@ -1130,6 +1130,12 @@ def format_figures(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def model_build_record(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """How the model was built, as ``summary.json`` records it: resolved ``precision``, ``cpu``, ``cpu_capability``."""
+    return {"precision": metrics.get("precision", {}).get("resolved"), "cpu": metrics.get("cpu"),
+            "cpu_capability": metrics.get("cpu_capability")}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m scripts.refusal_token_finetune``: build the offline refusal-token model and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -379,3 +379,15 @@ def test_real_smollm2_baseline_rows(tmp_path, caplog):
     assert rows[0]["first_token_category"] is None
     assert "lacks the 'donotanswer' refusal tokens" in caplog.text
     assert rows[0]["model"] == "smollm2-135m-instruct"
+
+
+def test_first_responses_shows_each_conditions_first_row(tmp_path) -> None:
+    from scripts.eval import first_responses
+
+    paths = {}
+    for name in ("base", "steered"):
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text(json.dumps({"prompt": "p" * 60, "response": f"{name} answer"}) + "\n"
+                               + json.dumps({"prompt": "second", "response": "x"}) + "\n")
+    lines = first_responses(paths).splitlines()
+    assert lines == [f"{'base':24s} {'p' * 50!r} -> 'base answer'", f"{'steered':24s} {'p' * 50!r} -> 'steered answer'"]

@@ -665,3 +665,44 @@ def test_model_training_counts_match_the_built_models_own_record_of_its_split() 
     counts = model_training_counts(data.train_harmful + data.train_benign)
     assert {s: n for s, n in counts.items() if s != "donotanswer"} == split["train_benign_by_source"]
     assert counts["donotanswer"] == split["train_harmful_distinct"]
+
+
+def test_fold_settings_are_keyword_arguments_of_a_fold_condition() -> None:
+    import inspect
+
+    from scripts.generalization import FoldSettings
+
+    kwargs = FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0).condition_kwargs()
+    assert set(kwargs) <= set(inspect.signature(fold_steering_condition).parameters)
+    assert (kwargs["positive_strength"], kwargs["negative_strength"], kwargs["threshold_method"]) == (3.0, -5.0, "fpr")
+
+
+@pytest.mark.slow
+def test_leave_one_source_out_and_the_data_curve_run_end_to_end_on_the_tiny_model(tmp_path, monkeypatch) -> None:
+    from scripts.generalization import FoldSettings, GenerationSettings, look_alike_data_curve, run_leave_one_source_out
+    from scripts.paths import CACHE_ENV_VAR
+    from tests.tiny_steering import build_hooked_tiny
+
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache"))
+    hooked = build_hooked_tiny()
+    pool, contrast = corpus()
+    settings = FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0, batch_size=16)
+    generation = GenerationSettings("phrase", max_per_label=2, max_new_tokens=3)
+    folds = run_leave_one_source_out(
+        hooked, hooked.tokenizer, pool, contrast, settings, generation, held_out_sources=["look", "adv"], layers=[1],
+        steering_layer=2, routing="probe+token", out_dir=tmp_path / "gen", n_per_source=30)  # fmt: skip
+    assert folds.layers == [1, 2] and list(folds.splits) == ["look", "adv"]
+    assert folds.steering_acts.shape == (len(folds.records), hooked.d_model)
+    assert folds.token_scores.shape == (len(folds.records),)
+    summary = folds.summary
+    assert list(summary["sources"]) == ["look", "adv"] and summary["steering_router"] == "probe_L2+token"
+    assert summary["protocol"]["layers"] == [1, 2] and summary["protocol"]["judge"] == "phrase"
+    assert set(summary["sources"]["look"]["conditions"]) == {"base", "probe_routed_steering"}
+    shots = [make(f"another edgy question {i}", "benign", CATEGORIES[i % 5], "look") for i in range(6)]
+    curve = look_alike_data_curve(hooked, hooked.tokenizer, folds, pool + shots, "look", [0, 5], settings, generation,
+                                  tmp_path / "curve")  # fmt: skip
+    assert [(p["routing"], p["shots"], p["val_shots"]) for p in curve["points"]] == [
+        ("probe", 0, 0), ("probe+token", 0, 0), ("probe", 5, 1), ("probe+token", 5, 1)]
+    n_look = sum(r.source == "look" and r.label == "benign" for r in folds.splits["look"].test)
+    assert all((p["routed_label"], p["n_routed"]) == ("benign", n_look) for p in curve["points"])
+    assert all(p["rates"]["benign"]["n"] + p["rates"]["benign"]["n_errors"] == 2 for p in curve["points"])
