@@ -216,6 +216,44 @@ def paired_difference(
     return result
 
 
+def paired_against_reference(
+    rows: Iterable[Mapping[str, Any]], judge: str, reference: str = "base", confidence: float = 0.95
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each condition's :func:`paired_difference` from ``reference`` on the prompts both generated, per label.
+
+    Args:
+        rows: Verdict rows (``verdicts.jsonl``): ``id``, ``condition``, ``label``, ``judge``, ``is_refusal``.
+        judge: Whose verdicts are compared.
+        reference: The condition every other one is compared with (``b`` − ``a`` = condition − reference).
+
+    Returns:
+        condition → label → :func:`paired_difference`; prompts only one side generated are left out.
+
+    Raises:
+        ValueError: no row of ``judge`` under ``reference``.
+    """
+    verdicts: dict[str, dict[tuple[str, str], bool | None]] = defaultdict(dict)
+    for row in rows:
+        if row.get("judge") == judge:
+            verdicts[_group_value(row, "condition")][(_group_value(row, "label"), str(row.get("id")))] = row.get(
+                "is_refusal")
+    if reference not in verdicts:
+        raise ValueError(f"no verdicts of judge {judge!r} under the reference condition {reference!r}; "
+                         f"conditions: {sorted(verdicts)}")
+    base = verdicts[reference]
+    paired: dict[str, dict[str, dict[str, Any]]] = {}
+    for condition, own in verdicts.items():
+        if condition == reference:
+            continue
+        keys = sorted(set(own) & set(base))
+        paired[condition] = {
+            label: paired_difference([base[k] for k in keys if k[0] == label], [own[k] for k in keys if k[0] == label],
+                                     confidence)
+            for label in sorted({k[0] for k in keys})
+        }  # fmt: skip
+    return paired
+
+
 def metric_name(label: str) -> str:
     """``refusal_rate`` for harmful prompts, ``over_refusal_rate`` for benign ones, else ``refusal_rate``."""
     return METRIC_BY_LABEL.get(label, "refusal_rate")

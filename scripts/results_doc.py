@@ -29,6 +29,8 @@ CONDITION_LABELS: dict[str, str] = {
     "base": "base (unsteered)",
     "categorical_steering": "categorical steering (own token routes)",
     "probe_routed_steering": "probe-routed steering",
+    "probe_routed_abstain": "probe-routed, abstain band",
+    "probe_routed_graded": "probe-routed, graded strength",
     "low_rank_combination": "low-rank combination",
     "logit_bias": "logit bias on the refusal tokens (baseline)",
 }
@@ -69,14 +71,32 @@ def _ordered_conditions(summary: Mapping[str, Any]) -> list[str]:
     return names + [name for name in summary.get("conditions", []) if name not in names and name in summary]
 
 
+def format_paired(paired: Mapping[str, Any] | None) -> str:
+    """``+0.040 [-0.010, 0.090], p 0.22``: a paired difference from the unsteered model (``–`` where there is none)."""
+    if not paired or paired.get("difference") is None:
+        return "–"
+    low, high = paired["ci"]
+    return f"{paired['difference']:+.3f} [{low:+.3f}, {high:+.3f}], p {paired['p_value']:.2g}"
+
+
 def condition_table(summary: Mapping[str, Any]) -> str:
-    """The main table: each condition's refusal rate on harmful prompts and over-refusal on benign look-alikes."""
+    """The main table: each condition's refusal rate on harmful prompts and over-refusal on benign look-alikes.
+
+    Where the summary holds ``paired_vs_base``, two columns give each condition's paired difference from
+    the unsteered model on the same prompts (Newcombe interval, exact McNemar p-value).
+    """
+    paired = summary.get("paired_vs_base") or {}
     rows = []
     for name in _ordered_conditions(summary):
         cells = [_rate_cell(summary[name].get(label, {})) for label in ("harmful", "benign")]
+        if paired:
+            cells += [format_paired(paired.get(name, {}).get(label)) for label in ("harmful", "benign")]
         rows.append([CONDITION_LABELS.get(name, name) + f" (`{name}`)", *cells])
-    return _markdown_table(["condition", "refusal on harmful [95% CI] (k/n)",
-                            "over-refusal on benign look-alikes [95% CI] (k/n)"], rows)
+    header = ["condition", "refusal on harmful [95% CI] (k/n)", "over-refusal on benign look-alikes [95% CI] (k/n)"]
+    if paired:
+        header += ["Δ refusal vs unsteered, paired [95% CI], McNemar p",
+                   "Δ over-refusal vs unsteered, paired [95% CI], McNemar p"]
+    return _markdown_table(header, rows)
 
 
 def run_description(summary: Mapping[str, Any]) -> str:

@@ -136,6 +136,8 @@ class RoutingFit:
             evaluation rows (``None`` without an ensemble).
         eval_labels: ``[N_eval]`` 1 harmful, 0 benign.
         eval_scores: Router name (``probe``, ``probe+token``) → ``[N_eval]`` scores on the evaluation rows.
+        policy_routers: Policy name → the same routing under that policy, fitted on the same validation
+            rows, for side-by-side comparison with ``router``.
     """
 
     probe: LinearProbe
@@ -146,6 +148,7 @@ class RoutingFit:
     ensemble_test: dict[str, float] | None
     eval_labels: np.ndarray
     eval_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    policy_routers: dict[str, ProbeRouter] = field(default_factory=dict)
 
     def describe(self) -> str:
         """The validation and held-out metrics, one line each."""
@@ -184,6 +187,8 @@ def fit_routing_stage(
     system_prompt: str | None = None,
     batch_size: int = 16,
     model_name: str = "",
+    policy: str = "binary",
+    compare_policies: Sequence[str] = (),
 ) -> RoutingFit:
     """Fit the probe on the fit rows and the router on the validation rows, then score the evaluation rows.
 
@@ -191,6 +196,8 @@ def fit_routing_stage(
         acts: ``[N_train, d_model]`` activations at ``layer`` of ``run_data.train_records``.
         train_texts: The chat-formatted ``run_data.train_records`` (their validation rows' token scores feed
             the ``probe+token`` router).
+        policy: The router's policy (:data:`scripts.steering.ROUTING_POLICIES`), fitted on the validation rows.
+        compare_policies: Further policies for the same probe and routing, each fitted on the same rows.
     """
     fit_rows, val_rows = run_data.fit_rows, run_data.validation_rows
     probe, probe_metrics = fit_routing_probe(acts[fit_rows], run_data.fit_records, acts[val_rows],
@@ -200,12 +207,14 @@ def fit_routing_stage(
     if routing == "probe+token":
         val_token_scores = token_router_scores(refusal_token_probabilities(
             hooked, [train_texts[i] for i in val_rows], category_set, batch_size=batch_size, progress=True))
-    router, ensemble, ensemble_metrics = fit_router(
+    router_settings = dict(
         routing=routing, probe=probe, category_set=category_set, positive_strength=positive_strength,
         negative_strength=negative_strength, category_source=category_source, val_acts=acts[val_rows],
         val_token_scores=val_token_scores, val_records=run_data.validation_records,
         threshold_method=threshold_method, batch_size=batch_size, metadata={"model": model_name},
     )  # fmt: skip
+    router, ensemble, ensemble_metrics = fit_router(policy=policy, **router_settings)
+    policy_routers = {name: fit_router(policy=name, **router_settings)[0] for name in compare_policies if name != policy}
     eval_texts = format_chat(tokenizer, [r.prompt for r in run_data.eval_records], system_prompt)
     eval_acts = cache_activations(hooked, eval_texts, [layer], hook_kind=hook_kind, batch_size=batch_size,
                                   cache=True, progress=True).layer(layer)  # fmt: skip
@@ -222,7 +231,8 @@ def fit_routing_stage(
                          "fpr": float(routed[y_eval == 0].double().mean()),
                          "validation_auc": ensemble_metrics["auc_val"], "threshold": ensemble_metrics["threshold"]}
         eval_scores["probe+token"] = ensemble.decision_function(eval_acts, eval_token_scores).numpy()
-    return RoutingFit(probe, probe_metrics, router, ensemble, probe_test, ensemble_test, y_eval.numpy(), eval_scores)
+    return RoutingFit(probe, probe_metrics, router, ensemble, probe_test, ensemble_test, y_eval.numpy(), eval_scores,
+                      policy_routers)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class RunSummary:
     model_diffing: dict[str, Any] | None
     judge_agreement: Any
     generalization: dict[str, Any] | None
+    paired_vs_base: dict[str, Any]
     conditions: list[str]
     rates: dict[str, dict[str, Any]]
 
@@ -84,6 +85,7 @@ def build_run_summary(
     report: Mapping[str, Any],
     generalization: Mapping[str, Any] | None,
     rates: Mapping[str, Mapping[str, Any]],
+    paired_vs_base: Mapping[str, Any] | None = None,
 ) -> RunSummary:
     """The summary of a run from its stages' records.
 
@@ -93,6 +95,8 @@ def build_run_summary(
         vector_analysis: :func:`scripts.eval_steering_vectors.analyse_category_vectors` (its figures are left out).
         report: The judge report (its ``agreement`` is kept).
         rates: Condition → rates (:func:`scripts.report.condition_rates`).
+        paired_vs_base: Condition → label → paired difference from the unsteered model on the same prompts
+            (:func:`scripts.report.paired_against_reference`).
     """
     positive, negative = choice.positive_strength, choice.negative_strength
     return RunSummary(
@@ -106,10 +110,12 @@ def build_run_summary(
                  "torch_threads": torch.get_num_threads()},
         probe={"auc": routing_fit.probe_test["auc"], "validation_auc": routing_fit.probe_metrics.get("auc_val"),
                "threshold": routing_fit.probe.threshold, "auc_by_layer": choice.auc_by_layer},
-        routing={"router": routing, "probe_token": routing_fit.ensemble_test},
+        routing={"router": routing, "probe_token": routing_fit.ensemble_test,
+                 "policy": routing_fit.router.policy.to_dict(),
+                 "compared_policies": {name: router.policy.to_dict() for name, router in routing_fit.policy_routers.items()}},
         layer_sweep=choice.sweep,
         vector_analysis={k: v for k, v in vector_analysis.items() if k != "figures"},
         low_rank_history=list(low_rank_history), model_diffing=model_diffing,
         judge_agreement=report.get("agreement"), generalization=generalization,
-        conditions=list(rates), rates=dict(rates),
+        paired_vs_base=dict(paired_vs_base or {}), conditions=list(rates), rates=dict(rates),
     )  # fmt: skip

@@ -14,6 +14,7 @@ from scripts.report import (
     format_rate,
     format_table,
     mcnemar_exact_p,
+    paired_against_reference,
     paired_difference,
     rate_summary,
     summarise_verdicts,
@@ -266,3 +267,24 @@ def test_paired_difference_drops_pairs_with_an_error() -> None:
         paired_difference([True], [True, False])
     with pytest.raises(ValueError, match="confidence"):
         paired_difference([True], [False], confidence=1.0)
+
+
+def test_paired_against_reference_pairs_each_condition_with_the_base_by_prompt_id_and_label():
+    # Six benign prompts: base refuses 0-2, steered refuses 2-3 (and 0 errs); harmful: both refuse 0, steered also 1.
+    def rows(condition, refused, label, errors=()):
+        return [{"id": f"{label}{i}", "condition": condition, "label": label, "judge": "phrase",
+                 "is_refusal": None if i in errors else i in refused} for i in range(6)]
+
+    verdicts = (rows("base", {0, 1, 2}, "benign") + rows("steered", {2, 3}, "benign", errors={0})
+                + rows("base", {0}, "harmful") + rows("steered", {0, 1}, "harmful")
+                + [{**row, "judge": "token", "is_refusal": True} for row in rows("base", set(), "benign")])
+    paired = paired_against_reference(verdicts, "phrase")
+    assert set(paired) == {"steered"}
+    benign = paired["steered"]["benign"]
+    # Pairs 1..5 (0 dropped): base refuses 1, 2; steered refuses 2, 3 -> discordant: base only {1}, steered only {3}.
+    assert (benign["n"], benign["n_errors"], benign["discordant"]) == (5, 1, [1, 1])
+    assert benign["difference"] == 0.0
+    assert paired["steered"]["harmful"]["difference"] == pytest.approx(1 / 6)
+    assert paired["steered"]["harmful"]["p_value"] == mcnemar_exact_p(0, 1)
+    with pytest.raises(ValueError, match="reference condition 'none'"):
+        paired_against_reference(verdicts, "phrase", reference="none")

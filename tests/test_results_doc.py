@@ -101,3 +101,15 @@ def test_the_timing_sentence_reads_the_build_metrics_and_papermills_record(tmp_p
     assert "2 threads on Some CPU, capability AVX2" in text
     assert "the notebook 25.5 min (1 threads on Some CPU" in text
     assert timing_description({**_summary(), "model": str(tmp_path / "absent")}, tmp_path) == ""
+
+
+def test_paired_columns_show_each_conditions_difference_from_the_unsteered_model():
+    from scripts.report import paired_difference
+
+    benign = paired_difference([True] * 10 + [False] * 30, [False] * 10 + [False] * 30)
+    summary = {**_summary(), "paired_vs_base": {"probe_routed_steering": {"benign": benign}}}
+    rows = condition_table(summary).splitlines()
+    assert len(rows[0].split("|")) == 7  # condition, two rates, two paired differences
+    low, high = benign["ci"]
+    assert f"-0.250 [{low:+.3f}, {high:+.3f}], p {benign['p_value']:.2g}" in rows[3]
+    assert rows[2].count("–") == 2  # the unsteered row has no difference from itself
