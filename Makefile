@@ -48,9 +48,12 @@ test-unit: setup
 test: provision
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## Every benchmark; each prints its CPU and ends with `ratio: X`.
 bench: provision
 	$(PY) bench/caching.py
 	$(PY) bench/generation.py
+	$(PY) bench/finetune.py
+	$(PY) bench/trained_judge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache results refusal_control.egg-info
