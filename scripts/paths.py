@@ -160,6 +160,20 @@ class RunConfig:
                     values[key] = float(parameters[key])
         return cls(**values, parameters=rest)
 
+    def notebook_parameters(self, notebook: str | os.PathLike[str] = NOTEBOOK_PATH) -> dict[str, Any]:
+        """The notebook parameters that run this configuration again (the inverse of :meth:`from_parameters`).
+
+        Parameters are given as the run was asked: a layer the sweep chose (``layer = "auto"``) is chosen
+        again by the same sweep; a fixed layer comes with its strengths. Stored entries that are not
+        parameters of ``notebook`` (choices recorded during the run) are left out.
+        """
+        names = set(notebook_parameter_names(notebook))
+        values: dict[str, Any] = {key: getattr(self, field) for key, field in RUN_CONFIG_TOP_LEVEL.items()}
+        values.update({key: value for key, value in self.parameters.items() if key in names})
+        if values.get("layer", "auto") != "auto":
+            values.update(positive_strength=self.positive_strength, negative_strength=self.negative_strength)
+        return values
+
     def record_choices(self, layer: int, positive_strength: float, negative_strength: float) -> Path:
         """Set the layer and strengths the run uses and write ``config.json``; returns its path.
 

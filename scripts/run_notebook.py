@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from scripts.paths import NOTEBOOK_PATH, results_dir
+from scripts.paths import NOTEBOOK_PATH, RunConfig, results_dir
 from scripts.report import format_rate
 
 logger = logging.getLogger(__name__)
@@ -132,16 +132,19 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m scripts.run_notebook [--fast] [--results-root DIR] [-p NAME VALUE ...]``."""
+    """Command line: ``python -m scripts.run_notebook [--fast] [--config CONFIG_JSON] [--results-root DIR] [-p NAME VALUE ...]``."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fast", action="store_true", help="tiny sample sizes (CI configuration)")
     parser.add_argument("--results-root", default=None,
                         help="directory of run directories (default: the repository's results/)")
+    parser.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                        help="run again with the parameters a run's config.json records (-p still overrides)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override a notebook parameter (VALUE parsed as JSON when possible)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parameters: dict[str, Any] = dict(FAST_PARAMETERS) if args.fast else {}
+    parameters: dict[str, Any] = RunConfig.load(args.config).notebook_parameters() if args.config else {}
+    parameters.update(FAST_PARAMETERS if args.fast else {})
     for name, value in args.parameter:
         try:
             parameters[name] = json.loads(value)

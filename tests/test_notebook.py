@@ -86,6 +86,11 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
     assert all(0.0 <= p["routed_toward_refusal"] <= 1.0 for p in curve["points"])
     assert (run_dir / "figures" / "data_curve.png").read_bytes().startswith(b"\x89PNG")
 
+    # config.json alone runs the same experiment again: the same summary (the machine block aside).
+    rebuilt_dir = run_notebook({**config.notebook_parameters(), "run_name": "rebuilt"}, results_root=tmp_path)
+    rebuilt = json.loads((rebuilt_dir / "summary.json").read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "machine"} == {k: v for k, v in summary.items() if k != "machine"}
+
 
 
 def test_notebook_rejects_a_data_curve_source_that_is_not_held_out_before_any_work(tmp_path):

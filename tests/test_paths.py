@@ -103,6 +103,18 @@ def test_from_parameters_records_what_the_sweep_leaves_open_and_every_other_sett
         RunConfig.from_parameters({"seed": 0})
 
 
+def test_notebook_parameters_invert_from_parameters_as_the_run_was_asked():
+    notebook = {"model_name": "smollm2", "seed": 1, "hook_kind": "resid_post", "results_root": "", "run_name": "r",
+                "layer": "auto", "candidate_layers": [9, 15], "routing": "probe", "batch_size": 16}
+    auto = RunConfig.from_parameters(notebook)
+    auto.record_choices(15, 8.0, -6.0)  # the sweep's choice is run again by the same sweep, not fixed
+    auto.parameters["routing_policy_fitted"] = {"name": "binary"}  # a recorded choice, not a parameter
+    assert auto.notebook_parameters() == notebook
+    fixed = RunConfig.from_parameters({**notebook, "layer": 12, "positive_strength": 4.0, "negative_strength": -6.0})
+    assert fixed.notebook_parameters() == {**notebook, "layer": 12, "positive_strength": 4.0, "negative_strength": -6.0}
+    assert RunConfig.from_parameters(fixed.notebook_parameters()) == fixed
+
+
 def test_notebook_parameter_names(tmp_path):
     cell = {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "outputs": [], "execution_count": None,
             "source": ["# comment\n", "a = 1  # note\n", "b: int = 2\n", "a = 3\n", "print(a)\n"]}
