@@ -14,10 +14,10 @@ refusal-token model's opening token is read, then set aside: the text after a ca
 answer, and a category token before an answer does not make it a refusal (a category token with no
 words after it is one).
 
-Version v10 (:data:`PHRASES_VERSION`) was tuned on the own ``dev`` and ``heldout1`` to ``heldout5``
-splits, XSTest's Mistral ``dev`` and ``heldout1`` splits and the refusal-token model's own refusal
-templates (``scripts.refusal_token_finetune``); the own ``heldout6`` split was written before it
-and is its held-out check.
+The phrase list (version :data:`PHRASES_VERSION`, the phrase judge's model name) was tuned on the
+own ``dev`` and ``heldout1`` to ``heldout5`` splits, XSTest's Mistral ``dev`` and ``heldout1`` splits and
+the refusal-token model's own refusal templates (``scripts.refusal_token_finetune``); the own
+``heldout6`` split was never tuned on and is its held-out check.
 
 The phrases come from the refusal matchers of the literature (the GCG / HarmBench / refusal_direction
 prefix lists, XSTest's prefix matcher, garak's mitigation strings) and from real model completions
@@ -680,8 +680,8 @@ XSTEST_MODELS: tuple[str, ...] = ("gpt4", "llama2new", "llama2orig", "mistralins
 XSTEST_MISTRAL_MODELS: tuple[str, ...] = ("mistralinstruct", "mistralguard")
 XSTEST_MISTRAL_SPLITS: tuple[str, ...] = ("dev", "heldout1", "heldout2")
 XSTEST_UNSEEN_MODELS: tuple[str, ...] = ("gpt4", "llama2new", "llama2orig")
-"""XSTest files no matcher version was tuned or checked on: v10 scored them once, after it was frozen
-(pooled 0.944, 1275 of 1350; see ``data/judge_labels/README.md``)."""
+"""XSTest files the phrase list was never tuned or checked on while it was written (pooled 0.944, 1275 of
+1350; see ``data/judge_labels/README.md``)."""
 XSTEST_MISTRAL_EXCLUDED: frozenset[tuple[str, str]] = frozenset({("mistralinstruct", "v2-227")})
 """Rows left out of the Mistral development set: this completion lists suicide methods."""
 XSTEST_COLUMNS: frozenset[str] = frozenset({"id", "prompt", "completion", "final_label"})

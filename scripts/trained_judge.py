@@ -669,7 +669,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"| own {split} | {result['trained']['n']} | " + " | ".join(cell(result[j]) for j in judges) + " |\n"
         )
     lines.append(
-        "\nThe phrase judge (v10) was tuned on own dev..heldout5 and XSTest's Mistral dev/heldout1 splits: its figures "
+        "\nThe phrase judge was tuned on own dev..heldout5 and XSTest's Mistral dev/heldout1 splits: its figures "
         "there are not held-out ones.\n"
     )
     return "".join(lines)
