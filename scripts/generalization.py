@@ -83,7 +83,7 @@ from scripts.steering import (
     refusal_token_probabilities,
     signed_routes,
     tensor_fingerprint,
-    token_router_scores,
+    unsteered_token_scores,
 )
 from scripts.train_linear_probe import choose_threshold, train_multi_layer_probe, train_probe_token_ensemble
 
@@ -455,7 +455,8 @@ def probe_generalization(
         splits: From :func:`held_out_source_splits`.
         layers: Layers to evaluate (default: every layer of ``acts_by_layer``); with two or more, the
             multi-layer router is added.
-        token_scores: Optional ``[N]`` scores of the model's own first token (e.g. :func:`token_router_scores`).
+        token_scores: Optional ``[N]`` scores of the model's own first token (e.g.
+            :func:`scripts.steering.token_router_scores`).
         n_bootstrap, confidence, seed: Of the AUC interval.
 
     Returns:
@@ -1092,11 +1093,6 @@ def _chat_texts(tokenizer: Any, records: Sequence[PromptRecord], system_prompt: 
     return format_chat(tokenizer, [record.prompt for record in records], system_prompt)
 
 
-def _token_scores(hooked: HookedModel, texts: Sequence[str], category_set: CategorySet, batch_size: int) -> torch.Tensor:
-    return token_router_scores(
-        refusal_token_probabilities(hooked, texts, category_set, batch_size=batch_size, progress=True))
-
-
 def run_leave_one_source_out(
     hooked: HookedModel,
     tokenizer: Any,
@@ -1134,7 +1130,7 @@ def run_leave_one_source_out(
     all_layers = sorted(set(layers) | {steering_layer})
     acts = cache_activations(hooked, texts, all_layers, hook_kind=settings.hook_kind, batch_size=settings.batch_size,
                              cache=True, progress=True)  # fmt: skip
-    token_scores = _token_scores(hooked, texts, settings.category_set, settings.batch_size)
+    token_scores = unsteered_token_scores(hooked, texts, settings.category_set, settings.batch_size, progress=True)
     splits = held_out_source_splits(records, held_out_sources, seed=generation.seed, contrast=gen_contrast)
     probe_results = probe_generalization({layer: acts.layer(layer) for layer in all_layers}, records, splits,
                                          token_scores=token_scores, threshold_method=settings.threshold_method,
@@ -1193,15 +1189,16 @@ def look_alike_data_curve(
         shot_texts = _chat_texts(tokenizer, shot_pool, generation.system_prompt)
         shot_acts = cache_activations(hooked, shot_texts, [layer], hook_kind=settings.hook_kind,
                                       batch_size=settings.batch_size, progress=True).layer(layer)  # fmt: skip
-        shot_token_scores = _token_scores(hooked, shot_texts, settings.category_set, settings.batch_size)
+        shot_token_scores = unsteered_token_scores(hooked, shot_texts, settings.category_set, settings.batch_size,
+                                                   progress=True)  # fmt: skip
     records = folds.records + shot_pool
     acts = torch.cat([folds.steering_acts, shot_acts])
     token_scores = torch.cat([folds.token_scores, shot_token_scores])
     # The share of all the source's held-out prompts (benign ones, if it has any) each router sends toward refusal.
     own_label = "benign" if "benign" in split.source_labels else "harmful"
-    own_prompts = [r.prompt for r in split.test if r.source == source and r.label == own_label]
-    own_texts = _chat_texts(tokenizer, [r for r in split.test if r.source == source and r.label == own_label],
-                            generation.system_prompt)  # fmt: skip
+    own_records = [r for r in split.test if r.source == source and r.label == own_label]
+    own_prompts = [r.prompt for r in own_records]
+    own_texts = _chat_texts(tokenizer, own_records, generation.system_prompt)
     conditions: list[Condition] = [baseline("base")]
     points: dict[str, dict[str, Any]] = {}
     for n_shots in shots:

@@ -28,7 +28,7 @@ from scripts.pipeline import fit_router, fit_routing_probe
 from scripts.records import PromptRecord
 from scripts.refusal_tokens import CategorySet
 from scripts.run_data import RunData
-from scripts.steering import ProbeRouter, refusal_token_probabilities, token_router_scores
+from scripts.steering import ProbeRouter, unsteered_token_scores
 from scripts.steering_vectors import SteeringVectors
 from scripts.train_linear_probe import evaluate_probe, probe_auc_by_layer
 from scripts.train_low_rank_combination_steering import TrainingConfig, train_low_rank_combination
@@ -205,8 +205,8 @@ def fit_routing_stage(
                                              threshold_method, progress=True)  # fmt: skip
     val_token_scores = None
     if routing == "probe+token":
-        val_token_scores = token_router_scores(refusal_token_probabilities(
-            hooked, [train_texts[i] for i in val_rows], category_set, batch_size=batch_size, progress=True))
+        val_token_scores = unsteered_token_scores(hooked, [train_texts[i] for i in val_rows], category_set,
+                                                  batch_size=batch_size, progress=True)  # fmt: skip
     router_settings = dict(
         routing=routing, probe=probe, category_set=category_set, positive_strength=positive_strength,
         negative_strength=negative_strength, category_source=category_source, val_acts=acts[val_rows],
@@ -214,7 +214,8 @@ def fit_routing_stage(
         threshold_method=threshold_method, batch_size=batch_size, metadata={"model": model_name},
     )  # fmt: skip
     router, ensemble, ensemble_metrics = fit_router(policy=policy, **router_settings)
-    policy_routers = {name: fit_router(policy=name, **router_settings)[0] for name in compare_policies if name != policy}
+    policy_routers = {name: fit_router(policy=name, **router_settings)[0]
+                      for name in compare_policies if name != policy}
     eval_texts = format_chat(tokenizer, [r.prompt for r in run_data.eval_records], system_prompt)
     eval_acts = cache_activations(hooked, eval_texts, [layer], hook_kind=hook_kind, batch_size=batch_size,
                                   cache=True, progress=True).layer(layer)  # fmt: skip
@@ -223,8 +224,8 @@ def fit_routing_stage(
     ensemble_test = None
     eval_scores = {"probe": probe.predict_proba(eval_acts).detach().numpy()}
     if ensemble is not None:
-        eval_token_scores = token_router_scores(
-            refusal_token_probabilities(hooked, eval_texts, category_set, batch_size=batch_size, progress=True))
+        eval_token_scores = unsteered_token_scores(hooked, eval_texts, category_set, batch_size=batch_size,
+                                                   progress=True)  # fmt: skip
         routed = ensemble.predict(eval_acts, eval_token_scores).bool()
         ensemble_test = {"auc": ensemble.roc_auc(eval_acts, eval_token_scores, y_eval),
                          "tpr": float(routed[y_eval == 1].double().mean()),

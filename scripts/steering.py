@@ -427,6 +427,15 @@ def refusal_token_probabilities(
     return probabilities
 
 
+def unsteered_token_scores(
+    hooked: HookedModel, texts: Sequence[str], category_set: CategorySet, batch_size: int = 16, progress: bool = False
+) -> torch.Tensor:
+    """``[N]`` token router scores of ``texts`` on the unsteered model: :func:`token_router_scores` of
+    :func:`refusal_token_probabilities` (what the ``probe+token`` router reads beside the probe)."""
+    return token_router_scores(
+        refusal_token_probabilities(hooked, texts, category_set, batch_size=batch_size, progress=progress))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Routers
 # ---------------------------------------------------------------------------------------------------
