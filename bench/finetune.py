@@ -7,11 +7,13 @@ the offline corpus, with the same batch size, from the same initial weights:
   :func:`~scripts.refusal_token_finetune.assistant_loss` (no attention mask, the batch's shared
   prefix run once, output head only at labelled positions) in the precision ``--precision``
   resolves to (:func:`scripts.precision.resolve_precision`: bfloat16 autocast only where the CPU
-  computes it natively), gradient clipping and the fused AdamW step, as
+  computes it natively), the lower layers frozen where ``--frozen-layer-fraction`` asks
+  (:func:`~scripts.refusal_token_finetune.frozen_lower_layers`), gradient clipping and the fused
+  AdamW step, as
   :func:`~scripts.refusal_token_finetune.train` runs them;
 * baseline — batches in a seeded random order (no bucketing), ``model(input_ids, attention_mask,
-  labels=...)`` in float32 (full-vocabulary logits at every position), gradient clipping and the
-  default AdamW step.
+  labels=...)`` in float32 (full-vocabulary logits at every position), every layer trained,
+  gradient clipping and the default AdamW step.
 
 Benign targets are placeholders of ``max_answer_tokens`` tokens (the lengths are what matters here),
 so no answers need generating. The projected build is the whole two-epoch schedule at ours' rate
@@ -21,7 +23,8 @@ every ``--eval-stride``-th evaluation prompt and scaled by prompt tokens). The o
 s/step). On a CPU shared with other jobs, pass ``--threads 1``: oversubscribed OpenMP threads make
 two-thread timings erratic.
 
-Run: ``HF_HUB_OFFLINE=1 python bench/finetune.py [--steps 8] [--threads 2] [--precision float32]``.
+Run: ``HF_HUB_OFFLINE=1 python bench/finetune.py [--steps 8] [--threads 2] [--precision float32]
+[--frozen-layer-fraction 0.333]``.
 To see an AVX2-only CPU's kernel choice on a CPU with bfloat16, set ``ATEN_CPU_CAPABILITY=avx2
 ONEDNN_MAX_CPU_ISA=AVX2`` (and call it emulated AVX2, not an AVX2 machine).
 """
@@ -52,6 +55,7 @@ from scripts.refusal_token_finetune import (
     epoch_batches,
     first_token_ids,
     fit_prompt,
+    frozen_lower_layers,
     make_optimizer,
     prepare_refusal_model,
     select_offline_data,
@@ -107,13 +111,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="precision of ours (default: auto)")
     parser.add_argument("--eval-stride", type=int, default=8, help="time every N-th evaluation prompt")
+    parser.add_argument("--frozen-layer-fraction", type=float, default=FinetuneConfig().frozen_layer_fraction,
+                        help="decoder layers, from the input, ours leaves untrained (default: the recipe's)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.eval_stride < 1:
         parser.error("--steps and --eval-stride must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = FinetuneConfig(precision=args.precision)
+    config = FinetuneConfig(precision=args.precision, frozen_layer_fraction=args.frozen_layer_fraction)
     cpu = cpu_description()
     logger.info("CPU: %s (torch capability %s, %s), %d torch threads", cpu["cpu"], cpu["cpu_capability"],
                 cpu["machine"], torch.get_num_threads())  # fmt: skip
@@ -130,18 +136,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     pad = tokenizer.pad_token_id
 
     model.train()
-    optimizer = make_optimizer(model, config)
+    with frozen_lower_layers(model, config.frozen_layer_fraction) as frozen:
+        optimizer = make_optimizer(model, config)
 
-    def ours(rows: list[SFTExample]) -> None:
-        input_ids, labels = collate(rows, pad)
-        assistant_loss(model, input_ids, labels, precision).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def ours(rows: list[SFTExample]) -> None:
+            input_ids, labels = collate(rows, pad)
+            assistant_loss(model, input_ids, labels, precision).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    lengths = [len(example.input_ids) for example in examples]
-    ours_batches = epoch_batches(lengths, config.batch_size, config.seed, 0)[: args.steps + 1]
-    ours_s, ours_cpu, ours_tokens = time_steps(ours, examples, ours_batches)
+        lengths = [len(example.input_ids) for example in examples]
+        ours_batches = epoch_batches(lengths, config.batch_size, config.seed, 0)[: args.steps + 1]
+        ours_s, ours_cpu, ours_tokens = time_steps(ours, examples, ours_batches)
 
     model.load_state_dict(initial)
     baseline_optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
@@ -171,8 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("evaluation: %.1f s (CPU %.1f s) for %d of %d prompts, projected %.0f s (CPU %.0f s) for all",
                 sample_s, sample_cpu, len(sample), len(prompts), evaluation_s, sample_cpu * scale)  # fmt: skip
 
-    logger.info("examples: %d, schedule: %d steps (%d epochs, batch %d)", len(examples), schedule_steps,
-                config.epochs, config.batch_size)  # fmt: skip
+    logger.info("examples: %d, schedule: %d steps (%d epochs, batch %d), ours trains the upper %d of %d layers",
+                len(examples), schedule_steps, config.epochs, config.batch_size,
+                len(model.base_model.layers) - frozen, len(model.base_model.layers))  # fmt: skip
     rows = (
         ("ours", precision.name, ours_s, ours_cpu, ours_tokens),
         ("baseline", "float32", baseline_s, baseline_cpu, baseline_tokens),

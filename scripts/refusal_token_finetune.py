@@ -12,7 +12,10 @@ order, right padding without an attention mask (causal attention never looks at 
 after a sequence), the prefix every row of a batch shares (the chat template's system turn) run
 once per batch instead of once per row, logits computed only at the positions that carry loss, the
 precision the device computes well (:mod:`scripts.precision`: bfloat16 autocast where it is native,
-float32 elsewhere) and the fused AdamW step. Checkpoints (safetensors weights, optimizer state as
+float32 elsewhere) and the fused AdamW step. ``frozen_layer_fraction`` can also freeze the lowest decoder
+layers (:func:`frozen_lower_layers`: no backward pass below them and no optimizer state for them), which
+makes a float32 step much cheaper but is not the default: it costs the model some of its ability to
+tell the categories apart (see the README's build figures). Checkpoints (safetensors weights, optimizer state as
 safetensors + JSON) are written every ``checkpoint_every`` steps and at the end of each epoch; a
 rerun resumes from the latest one and skips the steps already done.
 
@@ -35,7 +38,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -141,6 +144,10 @@ class FinetuneConfig:
         answer_max_new_tokens: Tokens generated for each benign answer (cached).
         generation_batch_size: Batch size of the benign-answer generation and of the evaluation.
         max_grad_norm: Gradient clipping norm.
+        frozen_layer_fraction: Fraction of the decoder layers, counted from the input, that are not
+            trained (rounded down); their input, the token embeddings, gets no gradient through them
+            either, so the backward pass stops above them. The tied output embeddings (and with them
+            the new tokens' rows) still train through the output head. ``0`` trains every layer.
         precision: ``"auto"`` (bfloat16 autocast where the device computes it natively, else float32;
             see :func:`scripts.precision.resolve_precision`), ``"bfloat16"`` or ``"float32"``. Weights
             and optimizer state stay float32 either way.
@@ -160,6 +167,7 @@ class FinetuneConfig:
     answer_max_new_tokens: int = 24
     generation_batch_size: int = 32
     max_grad_norm: float = 1.0
+    frozen_layer_fraction: float = 0.0
     precision: str = "auto"
     checkpoint_every: int = 100
     system_prompt: str | None = None
@@ -173,6 +181,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.frozen_layer_fraction < 1.0:
+            raise ValueError(f"frozen_layer_fraction must be in [0, 1), got {self.frozen_layer_fraction}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.max_answer_tokens > self.answer_max_new_tokens:
@@ -219,6 +229,7 @@ class TrainResult:
         seconds: Wall time of this call's steps.
         precision: The precision the steps ran in (``"bfloat16"`` or ``"float32"``).
         precision_reason: Why that precision (see :class:`scripts.precision.ResolvedPrecision`).
+        frozen_layers: Decoder layers left untrained, counted from the input (:func:`frozen_lower_layers`).
     """
 
     steps: int
@@ -227,6 +238,7 @@ class TrainResult:
     seconds: float = 0.0
     precision: str = "float32"
     precision_reason: str = ""
+    frozen_layers: int = 0
 
     @property
     def seconds_per_step(self) -> float:
@@ -529,6 +541,33 @@ def learning_rate_at(step: int, total_steps: int, config: FinetuneConfig) -> flo
     return config.learning_rate * max(0.0, (total_steps - step) / remaining)
 
 
+@contextlib.contextmanager
+def frozen_lower_layers(model, fraction: float) -> Iterator[int]:
+    """Freeze the lowest ``floor(fraction × n_layers)`` decoder layers of ``model`` while the block runs; yields that count.
+
+    The frozen layers' parameters stop requiring gradients, and the input embeddings' output is
+    detached, so autograd records nothing below the first trained layer: the backward pass, the
+    largest part of a float32 step, shrinks with the frozen depth, and the optimizer holds no state
+    for the frozen layers. The embedding matrix itself keeps training where it is tied to the output
+    head. Everything is restored on exit, also after an error.
+    """
+    layers = model.base_model.layers
+    count = math.floor(fraction * len(layers))
+    if count == 0:
+        yield 0
+        return
+    frozen = [param for layer in layers[:count] for param in layer.parameters() if param.requires_grad]
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.detach())
+    try:
+        for param in frozen:
+            param.requires_grad_(False)
+        yield count
+    finally:
+        handle.remove()
+        for param in frozen:
+            param.requires_grad_(True)
+
+
 def make_optimizer(model, config: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW over every trainable parameter (the fused step where the device supports it)."""
     params = [param for param in model.parameters() if param.requires_grad]
@@ -631,45 +670,48 @@ def train(
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total = len(schedule)
     stop = total if max_steps is None else min(total, max_steps)
-    optimizer = make_optimizer(model, config)
     precision = resolve_precision(config.precision, device)
-    fingerprint = training_fingerprint(examples, config, precision.name)
-    losses: list[float] = []
-    start = 0
-    checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if checkpoint is not None and (checkpoint / TRAINER_STATE_NAME).exists():
-        saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
-        if saved.get("fingerprint") == fingerprint:
-            state = load_checkpoint(checkpoint, model, optimizer)
-            start, losses = int(state["step"]), list(state["losses"])
-            logger.info("resuming from %s at step %d of %d", checkpoint, start, total)
-        else:
-            logger.warning("checkpoint in %s is from a different run (fingerprint differs); starting afresh", checkpoint)
+    with frozen_lower_layers(model, config.frozen_layer_fraction) as frozen:
+        logger.info("training the upper %d of %d decoder layers", len(model.base_model.layers) - frozen,
+                    len(model.base_model.layers))
+        optimizer = make_optimizer(model, config)
+        fingerprint = training_fingerprint(examples, config, precision.name)
+        losses: list[float] = []
+        start = 0
+        checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if checkpoint is not None and (checkpoint / TRAINER_STATE_NAME).exists():
+            saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+            if saved.get("fingerprint") == fingerprint:
+                state = load_checkpoint(checkpoint, model, optimizer)
+                start, losses = int(state["step"]), list(state["losses"])
+                logger.info("resuming from %s at step %d of %d", checkpoint, start, total)
+            else:
+                logger.warning("checkpoint in %s is from a different run (fingerprint differs); starting afresh", checkpoint)
 
-    model.train()
-    began = time.perf_counter()
-    bar = tqdm(total=stop, initial=start, desc="fine-tune", disable=not progress)
-    for step in range(start, stop):
-        input_ids, labels = collate([examples[index] for index in schedule[step]], tokenizer.pad_token_id)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, total, config)
-        loss = assistant_loss(model, input_ids.to(device), labels.to(device), precision)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=step // steps_per_epoch + 1)
-        done = step + 1
-        at_boundary = done % config.checkpoint_every == 0 or done % steps_per_epoch == 0 or done == stop
-        if checkpoint is not None and at_boundary and done < total:
-            save_checkpoint(checkpoint, model, optimizer, {"step": done, "losses": losses, "fingerprint": fingerprint})
-    bar.close()
+        model.train()
+        began = time.perf_counter()
+        bar = tqdm(total=stop, initial=start, desc="fine-tune", disable=not progress)
+        for step in range(start, stop):
+            input_ids, labels = collate([examples[index] for index in schedule[step]], tokenizer.pad_token_id)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, total, config)
+            loss = assistant_loss(model, input_ids.to(device), labels.to(device), precision)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", epoch=step // steps_per_epoch + 1)
+            done = step + 1
+            at_boundary = done % config.checkpoint_every == 0 or done % steps_per_epoch == 0 or done == stop
+            if checkpoint is not None and at_boundary and done < total:
+                save_checkpoint(checkpoint, model, optimizer, {"step": done, "losses": losses, "fingerprint": fingerprint})
+        bar.close()
     model.eval()
     return TrainResult(
         steps=total, steps_run=stop - start, losses=losses, seconds=time.perf_counter() - began,
-        precision=precision.name, precision_reason=precision.reason,
+        precision=precision.name, precision_reason=precision.reason, frozen_layers=frozen,
     )  # fmt: skip
 
 
@@ -841,6 +883,7 @@ def select_offline_data(
     limit: int | None = None,
     extra_eval_per_source: int = 100,
     harmful_sources: Sequence[str] = HARMFUL_TRAIN_SOURCES,
+    exclude_sources: Sequence[str] = (),
 ) -> OfflineData:
     """Split the offline corpus: train on categorised harmful and non-evaluation benign prompts.
 
@@ -858,11 +901,14 @@ def select_offline_data(
         extra_eval_per_source: Prompts kept from each of :data:`EXTRA_EVAL_SOURCES`.
         harmful_sources: Harmful sources to train (and hold out) on; their categories must be in
             ``category_set``.
+        exclude_sources: Sources left out of training and of the test split altogether (a fine-tune
+            that never sees them, to be evaluated on them).
     """
     pool = [
         record
         for record in exclude_eval_only(corpus)
-        if (record.label == "harmful" and record.source in harmful_sources) or record.label == "benign"
+        if record.source not in exclude_sources
+        and ((record.label == "harmful" and record.source in harmful_sources) or record.label == "benign")
     ]
     unknown = sorted({r.category for r in pool if r.label == "harmful" and r.category not in category_set.tokens})
     if unknown:
@@ -929,13 +975,15 @@ def build_offline_refusal_model(
     harmful_sources: Sequence[str] = HARMFUL_TRAIN_SOURCES,
     device: str | torch.device | None = None,
     progress: bool = True,
+    exclude_sources: Sequence[str] = (),
 ) -> Path:
     """Build (or reuse) the offline refusal-token model and return its directory.
 
     Runs the recipe on ``base_model`` with the offline corpus (see :func:`select_offline_data`),
     evaluates the first-token decision on the held-out prompts and writes ``metrics.json`` beside
     the saved model (safetensors + tokenizer). The ``.complete`` marker is written last; a
-    directory that has it is returned as is unless ``force``. Benign answers are cached under
+    directory that has it is returned as is unless ``force`` or its ``metrics.json`` records another
+    recipe (settings, base model, data mix), which is then rebuilt. Benign answers are cached under
     ``cache_dir()/refusal_token_finetune``, and training checkpoints in ``<out>.work``, so an
     interrupted build resumes.
 
@@ -947,15 +995,22 @@ def build_offline_refusal_model(
         base_model: The chat model to start from (alias, Hub id or directory), without refusal tokens.
         benign_ratio: Benign training prompts per harmful one.
         harmful_sources: Harmful corpus sources to train on (see :data:`HARMFUL_TRAIN_SOURCES`).
+        exclude_sources: Corpus sources the fine-tune never sees (see :func:`select_offline_data`).
         device: Where to train (default: CUDA when available, else CPU).
     """
     from scripts.offline_corpus import load_offline_corpus
 
     config = config or FinetuneConfig()
     target = Path(out) if out is not None else default_output_dir(limit)
+    recipe = {"config": asdict(config), "base_model": base_model, "benign_ratio": benign_ratio, "limit": limit,
+              "harmful_sources": list(harmful_sources), "exclude_sources": list(exclude_sources)}
     if (target / COMPLETE_MARKER).exists() and not force:
-        logger.info("refusal-token model already built at %s", target)
-        return target
+        built = built_recipe(read_metrics(target))
+        if built == recipe:
+            logger.info("refusal-token model already built at %s", target)
+            return target
+        changed = sorted(key for key in recipe if built.get(key) != recipe[key])
+        logger.warning("the model at %s was built with another recipe (%s differ); rebuilding", target, changed)
     began = time.perf_counter()
     timings: dict[str, float] = {}
     category_set = DONOTANSWER_CATEGORIES
@@ -966,6 +1021,7 @@ def build_offline_refusal_model(
         benign_ratio=benign_ratio,
         limit=limit,
         harmful_sources=harmful_sources,
+        exclude_sources=exclude_sources,
     )
     logger.info(
         "training on %d harmful + %d benign prompts; held out %d harmful + %d benign",
@@ -1029,6 +1085,7 @@ def build_offline_refusal_model(
             "limit": limit,
             "benign_ratio": benign_ratio,
             "harmful_sources": list(harmful_sources),
+            "exclude_sources": list(exclude_sources),
         },
         "training": {
             "examples": len(examples),
@@ -1036,6 +1093,7 @@ def build_offline_refusal_model(
             "steps": result.steps,
             "steps_run": result.steps_run,
             "seconds_per_step": result.seconds_per_step,
+            "frozen_layers": result.frozen_layers,
             "first_loss": result.losses[0] if result.losses else None,
             "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]) if result.losses else None,
             "losses": result.losses,
@@ -1066,6 +1124,14 @@ def _benign_answers_path(base_model: str, config: FinetuneConfig) -> Path:
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
     alias = base_model.rstrip("/").split("/")[-1]
     return cache_dir() / "refusal_token_finetune" / f"benign_answers_{alias}_{digest}.jsonl"
+
+
+def built_recipe(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe a build's ``metrics.json`` records, in the form :func:`build_offline_refusal_model` compares."""
+    split = metrics.get("split", {})
+    return {"config": metrics.get("config"), "base_model": metrics.get("base_model"),
+            "benign_ratio": split.get("benign_ratio"), "limit": split.get("limit"),
+            "harmful_sources": split.get("harmful_sources"), "exclude_sources": split.get("exclude_sources", [])}
 
 
 def _save_model_dir(model, tokenizer, target: Path, metrics: Mapping[str, Any]) -> None:
@@ -1149,6 +1215,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--harmful-sources", nargs="+", default=list(HARMFUL_TRAIN_SOURCES), help="harmful corpus sources to train on"
     )
+    parser.add_argument("--frozen-layer-fraction", type=float, default=defaults.frozen_layer_fraction,
+                        help="fraction of the decoder layers, from the input, left untrained (faster steps)")
+    parser.add_argument("--benign-ratio", type=float, default=DEFAULT_BENIGN_RATIO,
+                        help="benign training prompts per harmful one")
+    parser.add_argument("--exclude-sources", nargs="*", default=[],
+                        help="corpus sources the fine-tune never sees (to evaluate on them)")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (1 is far faster on an oversubscribed CPU)"
     )
@@ -1161,9 +1233,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = replace(defaults, epochs=args.epochs, max_length=args.max_length, seed=args.seed, precision=args.precision)
+    config = replace(defaults, epochs=args.epochs, max_length=args.max_length, seed=args.seed, precision=args.precision,
+                     frozen_layer_fraction=args.frozen_layer_fraction)
     path = build_offline_refusal_model(
-        force=args.force, config=config, limit=args.limit, out=args.out, harmful_sources=args.harmful_sources
+        force=args.force, config=config, limit=args.limit, out=args.out, harmful_sources=args.harmful_sources,
+        benign_ratio=args.benign_ratio, exclude_sources=args.exclude_sources,
     )
     logger.info("refusal-token model at %s", path)
     print(format_figures(read_metrics(path)))

@@ -37,6 +37,7 @@ from scripts.refusal_token_finetune import (
     shared_prefix_length,
     token_budget_batches,
     train,
+    frozen_lower_layers,
     training_fingerprint,
 )
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES
@@ -296,6 +297,37 @@ def test_select_offline_data_keeps_evaluation_sets_out_of_training():
     assert {r.category for r in data.test_harmful} == {c for _, c in HARMFUL}
 
 
+def test_excluded_sources_are_neither_trained_nor_tested():
+    corpus = _fixture_corpus()
+    data = select_offline_data(corpus, DONOTANSWER_CATEGORIES, seed=0, exclude_sources=["fixture"])
+    assert "fixture" not in {r.source for r in data.train_harmful + data.train_benign + data.test_harmful + data.test_benign}
+    assert data.train_harmful and data.overrefusal == select_offline_data(corpus, DONOTANSWER_CATEGORIES, seed=0).overrefusal
+
+
+def test_frozen_lower_layers_train_only_the_upper_layers_and_the_tied_embeddings():
+    model, tokenizer = fresh_model()
+    layers = model.base_model.layers
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    examples = examples_for(tokenizer)
+    config = replace(CONFIG, epochs=1, frozen_layer_fraction=0.5)
+    result = train(model, tokenizer, examples, config, progress=False)
+    frozen = len(layers) // 2
+    assert result.frozen_layers == frozen >= 1
+    changed = {name for name, value in model.named_parameters() if not torch.equal(value, before[name])}
+    lower = {f"model.layers.{i}." for i in range(frozen)}
+    assert not {name for name in changed if any(name.startswith(prefix) for prefix in lower)}, "a frozen layer moved"
+    assert any(name.startswith(f"model.layers.{frozen}.") for name in changed)
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert "model.embed_tokens.weight" in changed  # trained through the tied output head
+    # Restored afterwards: every parameter trainable again, no hook left on the embeddings.
+    assert all(param.requires_grad for param in model.parameters())
+    assert not model.get_input_embeddings()._forward_hooks
+    with frozen_lower_layers(model, 0.0) as count:
+        assert count == 0 and all(param.requires_grad for param in model.parameters())
+    with pytest.raises(ValueError, match="frozen_layer_fraction"):
+        FinetuneConfig(frozen_layer_fraction=1.0)
+
+
 def test_build_offline_refusal_model_end_to_end_on_the_tiny_model(monkeypatch, tmp_path):
     import scripts.offline_corpus
     import scripts.refusal_token_finetune as finetune
@@ -329,9 +361,14 @@ def test_build_offline_refusal_model_end_to_end_on_the_tiny_model(monkeypatch, t
 
     saved = AutoTokenizer.from_pretrained(out)
     assert all(token in saved.get_vocab() for token in DONOTANSWER_CATEGORIES.all_token_strings)
-    # Idempotent: a complete directory is returned without loading or training again.
-    assert build_offline_refusal_model(out=out, base_model="tiny", progress=False) == out
+    # Idempotent: a complete directory of the same recipe is returned without loading or training again.
+    assert build_offline_refusal_model(config=replace(CONFIG, epochs=1), out=out, base_model="tiny",
+                                       progress=False) == out  # fmt: skip
     assert loads == ["tiny"]
+    # Another recipe (here the data mix) is rebuilt, and recorded.
+    build_offline_refusal_model(config=replace(CONFIG, epochs=1), out=out, base_model="tiny", progress=False,
+                                benign_ratio=0.5)  # fmt: skip
+    assert loads == ["tiny", "tiny"] and read_metrics(out)["split"]["benign_ratio"] == 0.5
 
 
 @pytest.mark.refusal_model
