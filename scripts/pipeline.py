@@ -239,13 +239,15 @@ def fit_routing_policy(
     """A :class:`~scripts.steering.RoutingPolicy` fitted on the router's scores of validation rows.
 
     * ``binary`` ignores the data (the router's own threshold decides).
-    * ``abstain``: ``high = max(threshold, threshold_at_fpr(val_scores, val_labels, target_fpr))``, so
-      rows steered toward refusal keep the router's own operating point (chosen at a false-positive
-      rate of at most 5% by default) and the false-positive rate on the validation rows stays within
-      ``target_fpr`` even where the threshold was chosen otherwise (Youden). ``low`` is the highest
-      threshold below which at most ``target_fnr`` of the harmful validation rows fall (the
-      ``(k+1)``-th smallest harmful score, ``k`` the most rows the rate allows), so steering away from
-      refusal reaches few harmful prompts; clipped to ``low <= high`` (then nothing abstains).
+    * ``abstain``: two bounds from the validation rows. The toward bound is
+      ``max(threshold, threshold_at_fpr(val_scores, val_labels, target_fpr))``: at most ``target_fpr``
+      of the benign validation rows reach it, and it is never below the router's own operating point.
+      The away bound is the highest score below which at most ``target_fnr`` of the harmful
+      validation rows fall (the ``(k+1)``-th smallest harmful score, ``k`` the most rows the rate
+      allows). A row is steered toward refusal only at or above both (``high``), away only below both
+      (``low``), and not at all in between. Where the validation scores separate the labels, the
+      band is the gap between them: a prompt unlike either side, such as a look-alike from another
+      source, is left unsteered instead of pushed by whichever side of one threshold it falls on.
     * ``graded``: Platt scaling (:func:`platt_scaling`) of the labels on the scores.
 
     Args:
@@ -270,13 +272,13 @@ def fit_routing_policy(
         raise ValueError(f"threshold must be finite, got {threshold}")
     if not (0 <= target_fpr <= 1 and 0 <= target_fnr <= 1):
         raise ValueError(f"target_fpr and target_fnr must be in [0, 1], got {target_fpr} and {target_fnr}")
-    high = max(float(threshold), threshold_at_fpr(scores, labels, target_fpr)[0])
+    toward = max(float(threshold), threshold_at_fpr(scores, labels, target_fpr)[0])
     harmful = np.sort(scores[labels == 1])
-    # k: the most harmful rows that may fall below low (the rate as a checker computes it, k / P <= target).
+    # k: the most harmful rows that may fall below the away bound (the rate as a checker computes it, k / P <= target).
     counts = np.arange(len(harmful) + 1)
     k = int(counts[counts / len(harmful) <= target_fnr].max())
-    low = float(harmful[k]) if k < len(harmful) else high
-    return abstain_policy(min(low, high), high)
+    away = float(harmful[k]) if k < len(harmful) else toward
+    return abstain_policy(min(toward, away), max(toward, away))
 
 
 def fit_router(

@@ -156,14 +156,14 @@ def _abstain(threshold: float, target_fpr: float, target_fnr: float):
 
 
 def test_the_abstain_thresholds_by_hand():
-    # FPR <= 0.2 allows one of the five benign scores at or above the threshold: the lowest such
+    # FPR <= 0.2 allows one of the five benign scores at or above the toward bound: the lowest such
     # operating point is 0.5 (benign 1.5 above it), placed halfway to the next lower score, 0.
-    # FNR <= 0.2 allows one of the six harmful scores below low: low = the second smallest, 0.5.
-    assert _abstain(1.2, 0.2, 0.2) == abstain_policy(0.5, 1.2)  # the router's threshold is the stricter
-    assert _abstain(0.0, 0.2, 0.2) == abstain_policy(0.25, 0.25)  # the FPR bound is; low clipped to high
-    assert _abstain(1.2, 0.2, 0.5) == abstain_policy(1.2, 1.2)  # three harmful rows may fall below: 2.0 > high
+    # FNR <= 0.2 allows one of the six harmful scores below the away bound: the second smallest, 0.5.
+    assert _abstain(1.2, 0.2, 0.2) == abstain_policy(0.5, 1.2)  # the router's threshold is the stricter toward bound
+    assert _abstain(0.0, 0.2, 0.2) == abstain_policy(0.25, 0.5)  # the FPR bound is; between it and 0.5, no steering
+    assert _abstain(1.2, 0.2, 0.5) == abstain_policy(1.2, 2.0)  # three harmful rows may fall below 2.0: toward needs 2.0
     assert _abstain(1.2, 0.2, 0.0) == abstain_policy(-1.0, 1.2)  # none may: the smallest harmful score
-    assert _abstain(1.2, 0.2, 1.0).low == 1.2  # every one may: nothing bounds low but high
+    assert _abstain(1.2, 0.2, 1.0) == abstain_policy(1.2, 1.2)  # every one may: only the toward bound is left
     harmful, benign = np.array(HARMFUL_SCORES), np.array(BENIGN_SCORES)
     for threshold in (-1.0, 0.0, 1.2, 5.0):
         for target_fpr in (0.0, 0.2, 0.4):
@@ -172,6 +172,9 @@ def test_the_abstain_thresholds_by_hand():
                 assert policy.low <= policy.high and policy.high >= threshold
                 assert (benign >= policy.high).mean() <= target_fpr
                 assert (harmful < policy.low).mean() <= target_fnr
+    # Scores that separate the labels leave their gap unsteered instead of collapsing the band.
+    separated = fit_routing_policy("abstain", [-2.0, -1.0, 0.0, 3.0, 4.0, 5.0], [0, 0, 0, 1, 1, 1], 0.5, 0.0, 0.0)
+    assert separated == abstain_policy(1.5, 3.0)  # no benign reaches 1.5 (halfway to 0.0); no harmful is below 3.0
 
 
 def test_platt_scaling_matches_the_closed_form_and_an_independent_fit():
