@@ -132,3 +132,41 @@ def plot_data_curve(
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_policy_table(policy_table: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Paired difference (steered − unsteered) per held-out source and routing policy, benign and harmful prompts.
+
+    A point is the mean over seeds; its bar runs from the lowest lower to the highest upper end of the
+    seeds' 95% intervals. The dotted lines are the do-no-harm bounds.
+
+    Args:
+        policy_table: A :func:`scripts.generalization.held_out_policy_table`.
+    """
+    protocol = policy_table["protocol"]
+    sources = list(policy_table["sources"])
+    policies = protocol["policies"]
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2, sharey=True)
+    bounds = {"benign": protocol["max_over_refusal_rise"], "harmful": -protocol["max_refusal_drop"]}
+    for ax, label, title in zip(axes, ("benign", "harmful"), ("over-refusal change (benign)", "refusal change (harmful)")):
+        for offset, policy in zip(np.linspace(-0.25, 0.25, len(policies)), policies):
+            xs, means, lows, highs = [], [], [], []
+            for x, source in enumerate(sources):
+                cell = policy_table["sources"][source]["policies"][policy]
+                mean = cell["paired_difference"].get(label, {}).get("mean")
+                if mean is None:
+                    continue
+                xs.append(x + offset)
+                means.append(mean)
+                lows.append(mean - cell["paired_lower"][label]["min"])
+                highs.append(cell["paired_upper"][label]["max"] - mean)
+            ax.errorbar(xs, means, yerr=[lows, highs], fmt="o", capsize=3, label=policy)
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.axhline(bounds[label], color="k", ls=":", lw=0.8)
+        ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right", fontsize=7)
+        ax.set(title=title, ylabel="steered − unsteered")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"held-out sources, first-token refusal, seeds {protocol['seeds']}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -70,21 +70,33 @@ from scripts.pipeline import (
 )
 from scripts.records import PromptRecord
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES, CategorySet
-from scripts.report import format_rate, metric_name, rate_summary
+from scripts.report import (
+    DO_NO_HARM_MAX_OVER_REFUSAL_RISE,
+    DO_NO_HARM_MAX_REFUSAL_DROP,
+    do_no_harm,
+    format_rate,
+    metric_name,
+    paired_difference,
+    rate_summary,
+)
 from scripts.steering import (
     DEFAULT_KIND,
     PAPER_NEGATIVE_STRENGTH,
     PAPER_POSITIVE_STRENGTH,
     ROUTINGS,
     Condition,
+    ProbeRouter,
     Route,
     baseline,
     categorical,
     refusal_token_probabilities,
+    routed_token_probabilities,
     signed_routes,
     tensor_fingerprint,
+    token_router_scores,
     unsteered_token_scores,
 )
+from scripts.steering_vectors import SteeringVectors
 from scripts.train_linear_probe import choose_threshold, train_multi_layer_probe, train_probe_token_ensemble
 
 logger = logging.getLogger(__name__)
@@ -374,6 +386,68 @@ def fit_fold_ensemble(
     return ensemble
 
 
+def fit_fold_routers(
+    acts: torch.Tensor,
+    records: Sequence[PromptRecord],
+    split: SourceSplit,
+    layer: int,
+    routing: str = "probe+token",
+    token_scores: torch.Tensor | None = None,
+    policies: Sequence[str] = ("binary",),
+    category_set: CategorySet = DONOTANSWER_CATEGORIES,
+    positive_strength: float = PAPER_POSITIVE_STRENGTH,
+    negative_strength: float = PAPER_NEGATIVE_STRENGTH,
+    threshold_method: str = "fpr",
+    hook_kind: str = "resid_post",
+    model: str = "",
+    vector_method: str = DEFAULT_VECTOR_METHOD,
+    category_source: str = DEFAULT_CATEGORY_SOURCE,
+    template_hash: str = "",
+    batch_size: int = 16,
+) -> tuple[SteeringVectors, dict[str, ProbeRouter]]:
+    """One fold's category vectors and its router under each routing policy, fitted by the main run's stages.
+
+    Vectors (:func:`scripts.pipeline.fit_category_vectors`) and the probe
+    (:func:`scripts.pipeline.fit_routing_probe`) are fitted on ``split.train``; the probe's threshold,
+    for ``probe+token`` the ensemble's standardisation and threshold, and each policy
+    (:func:`scripts.pipeline.fit_router`) on ``split.val``. A fold whose sides are the main run's fit and
+    validation rows routes exactly as the main run's router.
+
+    Args:
+        acts: ``[N, d_model]`` activations at ``layer``, rows aligned with ``records``.
+        routing: One of :data:`scripts.steering.ROUTINGS`.
+        token_scores: ``[N]`` token scores of the same rows (:func:`scripts.steering.token_router_scores`);
+            needed for ``probe+token``.
+        policies: Names of :data:`scripts.steering.ROUTING_POLICIES`.
+
+    Returns:
+        ``(vectors, policy → router)``.
+
+    Raises:
+        ValueError: an unknown ``routing`` or policy, or ``probe+token`` without ``token_scores``.
+    """
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r}; valid: {list(ROUTINGS)}")
+    if routing == "probe+token" and token_scores is None:
+        raise ValueError("routing 'probe+token' needs the token scores of the rows")
+    index = _row_index(records)
+    train_rows, val_rows = _rows(index, split.train, "training"), _rows(index, split.val, "validation")
+    vectors = fit_category_vectors(acts[train_rows], split.train, category_set, layer, vector_method, hook_kind,
+                                   model, template_hash)  # fmt: skip
+    metadata = {"held_out_source": split.source}
+    probe, _ = fit_routing_probe(acts[train_rows], split.train, acts[val_rows], split.val, category_set, layer,
+                                 hook_kind, threshold_method, metadata)  # fmt: skip
+    routers = {}
+    for policy in policies:
+        routers[policy], _, _ = fit_router(
+            routing, probe, category_set, positive_strength, negative_strength, category_source,
+            val_acts=acts[val_rows], val_token_scores=None if token_scores is None else token_scores[val_rows],
+            val_records=split.val, threshold_method=threshold_method, batch_size=batch_size, metadata=metadata,
+            policy=policy,
+        )  # fmt: skip
+    return vectors, routers
+
+
 def fold_steering_condition(
     acts: torch.Tensor,
     records: Sequence[PromptRecord],
@@ -392,41 +466,18 @@ def fold_steering_condition(
     category_source: str = DEFAULT_CATEGORY_SOURCE,
     template_hash: str = "",
     batch_size: int = 16,
+    policy: str = "binary",
 ) -> Condition:
-    """Probe-routed categorical steering of one fold, built by the same stages as the main run's.
-
-    Vectors (:func:`scripts.pipeline.fit_category_vectors`) and the probe
-    (:func:`scripts.pipeline.fit_routing_probe`) are fitted on ``split.train``; the probe's threshold and,
-    for ``probe+token``, the ensemble's standardisation and threshold (:func:`scripts.pipeline.fit_router`)
-    on ``split.val``. A fold whose sides are the main run's fit and validation rows routes exactly as the
-    main run's router.
-
-    Args:
-        acts: ``[N, d_model]`` activations at ``layer``, rows aligned with ``records``.
-        routing: One of :data:`scripts.steering.ROUTINGS`.
-        token_scores: ``[N]`` token scores of the same rows (:func:`scripts.steering.token_router_scores`);
-            needed for ``probe+token``.
+    """Probe-routed categorical steering of one fold under ``policy`` (:func:`fit_fold_routers`).
 
     Raises:
-        ValueError: an unknown ``routing``, or ``probe+token`` without ``token_scores``.
+        ValueError: as :func:`fit_fold_routers`.
     """
-    if routing not in ROUTINGS:
-        raise ValueError(f"unknown routing {routing!r}; valid: {list(ROUTINGS)}")
-    if routing == "probe+token" and token_scores is None:
-        raise ValueError("routing 'probe+token' needs the token scores of the rows")
-    index = _row_index(records)
-    train_rows, val_rows = _rows(index, split.train, "training"), _rows(index, split.val, "validation")
-    vectors = fit_category_vectors(acts[train_rows], split.train, category_set, layer, vector_method, hook_kind,
-                                   model, template_hash)  # fmt: skip
-    metadata = {"held_out_source": split.source}
-    probe, _ = fit_routing_probe(acts[train_rows], split.train, acts[val_rows], split.val, category_set, layer,
-                                 hook_kind, threshold_method, metadata)  # fmt: skip
-    router, _, _ = fit_router(
-        routing, probe, category_set, positive_strength, negative_strength, category_source,
-        val_acts=acts[val_rows], val_token_scores=None if token_scores is None else token_scores[val_rows],
-        val_records=split.val, threshold_method=threshold_method, batch_size=batch_size, metadata=metadata,
+    vectors, routers = fit_fold_routers(
+        acts, records, split, layer, routing, token_scores, (policy,), category_set, positive_strength,
+        negative_strength, threshold_method, hook_kind, model, vector_method, category_source, template_hash, batch_size,
     )  # fmt: skip
-    return categorical(vectors, router, layer, kind=hook_kind, name=name)
+    return categorical(vectors, routers[policy], layer, kind=hook_kind, name=name)
 
 
 def probe_generalization(
@@ -1078,6 +1129,9 @@ class LeaveOneSourceOut:
         steering_layer: The layer every fold steers at.
         steering_acts: ``[N, d_model]`` activations of ``records`` at ``steering_layer``.
         token_scores: ``[N]`` token router scores of ``records``.
+        token_probabilities: ``[N, C + 1]`` the unsteered refusal-token probabilities they come from.
+        contrast: The contrast prompts among ``records`` (never trained on in any fold).
+        seed: The seed of the folds' train/validation split.
     """
 
     summary: dict[str, Any]
@@ -1087,6 +1141,9 @@ class LeaveOneSourceOut:
     steering_layer: int
     steering_acts: torch.Tensor
     token_scores: torch.Tensor
+    token_probabilities: torch.Tensor
+    contrast: list[PromptRecord]
+    seed: int
 
 
 def _chat_texts(tokenizer: Any, records: Sequence[PromptRecord], system_prompt: str | None) -> list[str]:
@@ -1130,7 +1187,9 @@ def run_leave_one_source_out(
     all_layers = sorted(set(layers) | {steering_layer})
     acts = cache_activations(hooked, texts, all_layers, hook_kind=settings.hook_kind, batch_size=settings.batch_size,
                              cache=True, progress=True)  # fmt: skip
-    token_scores = unsteered_token_scores(hooked, texts, settings.category_set, settings.batch_size, progress=True)
+    token_probabilities = refusal_token_probabilities(hooked, texts, settings.category_set, batch_size=settings.batch_size,
+                                                      progress=True)  # fmt: skip
+    token_scores = token_router_scores(token_probabilities)
     splits = held_out_source_splits(records, held_out_sources, seed=generation.seed, contrast=gen_contrast)
     probe_results = probe_generalization({layer: acts.layer(layer) for layer in all_layers}, records, splits,
                                          token_scores=token_scores, threshold_method=settings.threshold_method,
@@ -1157,7 +1216,8 @@ def run_leave_one_source_out(
                   "generated_per_label": generation.max_per_label, "judge": generation.judge_name,
                   "seed": generation.seed},
     )  # fmt: skip
-    return LeaveOneSourceOut(summary, records, splits, all_layers, steering_layer, steering_acts, token_scores)
+    return LeaveOneSourceOut(summary, records, splits, all_layers, steering_layer, steering_acts, token_scores,
+                             token_probabilities, gen_contrast, generation.seed)
 
 
 def look_alike_data_curve(
@@ -1219,3 +1279,172 @@ def look_alike_data_curve(
         category_set=settings.category_set, progress=True, cache=generation.cache,
     )  # fmt: skip
     return data_curve_summary(source, rates[source], points)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing policies on held-out sources: every pool prompt, several seeds, paired with the unsteered model
+# ---------------------------------------------------------------------------------------------------
+
+
+def first_token_refusals(probabilities: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: whether each row's most likely opening among the refusal tokens and ``[respond]`` is a refusal token.
+
+    The refusal-token model opens nearly every answer with one of these tokens, so this is its greedy
+    first-token decision without generating.
+
+    Args:
+        probabilities: ``[N, C + 1]`` from :func:`scripts.steering.refusal_token_probabilities`.
+    """
+    if probabilities.ndim != 2 or probabilities.shape[1] < 2:
+        raise ValueError(f"probabilities must be [N, n_categories + 1], got shape {tuple(probabilities.shape)}")
+    return probabilities.argmax(dim=1) < probabilities.shape[1] - 1
+
+
+def _seed_spread(values: Sequence[float | None]) -> dict[str, Any]:
+    known = [value for value in values if value is not None]
+    if not known:
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": float(np.mean(known)), "min": float(min(known)), "max": float(max(known))}
+
+
+def held_out_policy_table(
+    hooked: HookedModel,
+    folds: LeaveOneSourceOut,
+    settings: FoldSettings,
+    *,
+    routing: str,
+    policies: Sequence[str],
+    seeds: Sequence[int],
+    system_prompt: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Each routing policy on each held-out source, refitted on several seeds of the data sampling.
+
+    For every seed the folds are split again (:func:`held_out_source_splits` with that seed; the folds'
+    own seed reuses their splits), and vectors, probe, router and policy are refitted without the source
+    (:func:`fit_fold_routers`). Every test prompt of the fold (all its pool prompts, and the contrast
+    prompts of the other label) is then scored by the model's first token
+    (:func:`first_token_refusals`), unsteered and steered along its fold's routes
+    (:func:`scripts.steering.routed_token_probabilities`, from the cached activations and token
+    probabilities, so routing costs no forward pass). Each steered cell is compared with the unsteered
+    model on the same prompts (:func:`scripts.report.paired_difference`) and checked by :func:`do_no_harm`.
+
+    Returns:
+        ``{"protocol", "sources": {S: {"label", "n", "unsteered": {label: rate}, "policies": {policy:
+        {"seeds": {seed: {"rates", "paired", "toward_refusal", "do_no_harm"}}, "rate": {label: spread},
+        "paired_difference", "paired_lower", "paired_upper": {label: spread}, "toward_refusal": spread,
+        "do_no_harm_every_seed"}}}},
+        "do_no_harm": {policy: bool}}``; spreads are ``{"mean", "min", "max"}`` over seeds, and
+        ``toward_refusal`` is the share of the source's own benign prompts (or, for a harmful source,
+        its harmful ones) sent toward refusal.
+
+    Raises:
+        ValueError: no seeds or policies, or as :func:`fit_fold_routers`.
+    """
+    if not seeds or not policies:
+        raise ValueError("the policy table needs at least one seed and one policy")
+    category_set = settings.category_set
+    texts = _chat_texts(hooked.tokenizer, folds.records, system_prompt)
+    index = _row_index(folds.records)
+    refused_unsteered = first_token_refusals(folds.token_probabilities)
+    sources = list(folds.splits)
+    table: dict[str, Any] = {}
+    for source in sources:
+        test = folds.splits[source].test
+        own = {record.label for record in test if record.source == source}
+        table[source] = {
+            "label": _source_kind(sorted(own)),
+            "n": dict(Counter(record.label for record in test)),
+            "unsteered": {},
+            "policies": {policy: {"seeds": {}} for policy in policies},
+        }
+        rows = _rows(index, test, "test")
+        for label in sorted({record.label for record in test}):
+            verdicts = [bool(refused_unsteered[row]) for row, record in zip(rows.tolist(), test) if record.label == label]
+            table[source]["unsteered"][label] = rate_summary(verdicts)
+    for seed in seeds:
+        splits = folds.splits if seed == folds.seed else held_out_source_splits(
+            folds.records, sources, seed=seed, contrast=folds.contrast)  # fmt: skip
+        for source, split in splits.items():
+            rows = _rows(index, split.test, "test")
+            vectors, routers = fit_fold_routers(
+                folds.steering_acts, folds.records, split, folds.steering_layer, routing, folds.token_scores, policies,
+                **settings.condition_kwargs(),
+            )  # fmt: skip
+            own_label = "harmful" if table[source]["label"] == "harmful" else "benign"
+            own_rows = [i for i, record in enumerate(split.test) if record.source == source and record.label == own_label]
+            for policy, router in routers.items():
+                routes = router.route_features(folds.steering_acts[rows], folds.token_probabilities[rows])
+                steered = first_token_refusals(routed_token_probabilities(
+                    hooked, [texts[row] for row in rows.tolist()], category_set, vectors, routes,
+                    folds.steering_layer, settings.hook_kind, unsteered=folds.token_probabilities[rows],
+                    batch_size=settings.batch_size,
+                ))  # fmt: skip
+                rates, paired = {}, {}
+                for label in table[source]["unsteered"]:
+                    members = [i for i, record in enumerate(split.test) if record.label == label]
+                    rates[label] = rate_summary([bool(steered[i]) for i in members])
+                    paired[label] = paired_difference([bool(refused_unsteered[rows[i]]) for i in members],
+                                                      [bool(steered[i]) for i in members])  # fmt: skip
+                toward = sum(routes[i].route == "harmful" for i in own_rows) / len(own_rows) if own_rows else None
+                table[source]["policies"][policy]["seeds"][str(seed)] = {
+                    "rates": rates, "paired": paired, "toward_refusal": toward, "do_no_harm": do_no_harm(paired),
+                }
+                if progress:
+                    logger.info("seed %d, %s, %s: %s", seed, source, policy,
+                                {label: round(r["rate"], 3) for label, r in rates.items() if r["rate"] is not None})
+    overall: dict[str, bool | None] = {}
+    for source, entry in table.items():
+        for policy, cell in entry["policies"].items():
+            by_seed = list(cell["seeds"].values())
+            labels = list(entry["unsteered"])
+            cell["rate"] = {label: _seed_spread([s["rates"][label]["rate"] for s in by_seed]) for label in labels}
+            cell["paired_difference"] = {
+                label: _seed_spread([s["paired"][label]["difference"] for s in by_seed]) for label in labels}
+            cell["paired_lower"] = {
+                label: _seed_spread([(s["paired"][label]["ci"] or [None, None])[0] for s in by_seed]) for label in labels}
+            cell["paired_upper"] = {
+                label: _seed_spread([(s["paired"][label]["ci"] or [None, None])[1] for s in by_seed]) for label in labels}
+            cell["toward_refusal"] = _seed_spread([s["toward_refusal"] for s in by_seed])
+            verdicts = [s["do_no_harm"] for s in by_seed]
+            cell["do_no_harm_every_seed"] = None if None in verdicts else all(verdicts)
+            previous = overall.get(policy, True)
+            overall[policy] = None if previous is None or cell["do_no_harm_every_seed"] is None else (
+                previous and cell["do_no_harm_every_seed"])
+    return {
+        "protocol": {"routing": routing, "policies": list(policies), "seeds": [int(seed) for seed in seeds],
+                     "judged_by": "first token (refusal token vs [respond])", "steering_layer": folds.steering_layer,
+                     "positive_strength": settings.positive_strength, "negative_strength": settings.negative_strength,
+                     "max_over_refusal_rise": DO_NO_HARM_MAX_OVER_REFUSAL_RISE,
+                     "max_refusal_drop": DO_NO_HARM_MAX_REFUSAL_DROP},
+        "sources": table,
+        "do_no_harm": overall,
+    }  # fmt: skip
+
+
+def format_policy_table(policy_table: Mapping[str, Any]) -> str:
+    """:func:`held_out_policy_table` as plain text: one row per held-out source and policy.
+
+    Columns: the source's own label and n, the unsteered rate on its own prompts, the steered rate's
+    mean over seeds with its range, the paired difference's mean and the largest upper interval end
+    over seeds, the same for the contrast label, and whether every seed does no harm.
+    """
+    seeds = policy_table["protocol"]["seeds"]
+    lines = [f"held-out sources, first-token refusal, {len(seeds)} seed(s) {seeds}; paired difference = steered − "
+             "unsteered on the same prompts (mean over seeds, largest upper 95% end)",
+             f"{'source':20s} {'policy':8s} {'label':8s} {'n':>4s} {'unsteered':>9s} {'steered (range)':>22s} "
+             f"{'paired diff, max upper':>24s} {'do no harm':>10s}"]  # fmt: skip
+    for source, entry in policy_table["sources"].items():
+        for policy, cell in entry["policies"].items():
+            for label in entry["unsteered"]:
+                base = entry["unsteered"][label]["rate"]
+                rate, diff, upper = cell["rate"][label], cell["paired_difference"][label], cell["paired_upper"][label]
+                steered = (f"{format_rate(rate['mean'])} ({format_rate(rate['min'])}–{format_rate(rate['max'])})"
+                           if rate["mean"] is not None else "n/a")  # fmt: skip
+                paired = (f"{diff['mean']:+.3f}, {upper['max']:+.3f}" if diff["mean"] is not None else "n/a")
+                verdict = str(cell["do_no_harm_every_seed"]) if label == entry["label"] or entry["label"] == "mixed" else ""
+                lines.append(f"{source:20s} {policy:8s} {label:8s} {entry['n'].get(label, 0):4d} {format_rate(base):>9s} "
+                             f"{steered:>22s} {paired:>24s} {verdict:>10s}")  # fmt: skip
+    lines.append("does no harm on every source and seed: "
+                 + ", ".join(f"{policy} {verdict}" for policy, verdict in policy_table["do_no_harm"].items()))
+    return "\n".join(lines)

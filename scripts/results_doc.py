@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from scripts.report import do_no_harm
+
 logger = logging.getLogger(__name__)
 
 README_BEGIN = "<!-- results:begin (written by python -m scripts.results_doc; do not edit by hand) -->"
@@ -39,6 +41,7 @@ FIGURES: tuple[tuple[str, str], ...] = (
     ("figures/layer_sweep.png", "layer_sweep.png"),
     ("figures/generalization_auc.png", "generalization_auc.png"),
     ("figures/data_curve.png", "data_curve.png"),
+    ("figures/policy_table.png", "policy_table.png"),
 )
 """``(path in the run directory, name in docs/)`` of the figures the results page shows."""
 
@@ -83,7 +86,8 @@ def condition_table(summary: Mapping[str, Any]) -> str:
     """The main table: each condition's refusal rate on harmful prompts and over-refusal on benign look-alikes.
 
     Where the summary holds ``paired_vs_base``, two columns give each condition's paired difference from
-    the unsteered model on the same prompts (Newcombe interval, exact McNemar p-value).
+    the unsteered model on the same prompts (Newcombe interval, exact McNemar p-value), and a third
+    whether it does no harm (:func:`scripts.report.do_no_harm`).
     """
     paired = summary.get("paired_vs_base") or {}
     rows = []
@@ -91,11 +95,13 @@ def condition_table(summary: Mapping[str, Any]) -> str:
         cells = [_rate_cell(summary[name].get(label, {})) for label in ("harmful", "benign")]
         if paired:
             cells += [format_paired(paired.get(name, {}).get(label)) for label in ("harmful", "benign")]
+            verdict = do_no_harm(paired[name]) if name in paired else None
+            cells.append("–" if verdict is None else ("yes" if verdict else "no"))
         rows.append([CONDITION_LABELS.get(name, name) + f" (`{name}`)", *cells])
     header = ["condition", "refusal on harmful [95% CI] (k/n)", "over-refusal on benign look-alikes [95% CI] (k/n)"]
     if paired:
         header += ["Δ refusal vs unsteered, paired [95% CI], McNemar p",
-                   "Δ over-refusal vs unsteered, paired [95% CI], McNemar p"]
+                   "Δ over-refusal vs unsteered, paired [95% CI], McNemar p", "does no harm"]
     return _markdown_table(header, rows)
 
 
@@ -229,6 +235,29 @@ def data_curve_table(curve: Mapping[str, Any]) -> str:
     return f"Held-out source `{curve['source']}`.\n\n" + _markdown_table(header, rows)
 
 
+def policy_table_markdown(policy_table: Mapping[str, Any]) -> str:
+    """Routing policies on held-out sources: mean rate over seeds (range), paired difference and do-no-harm verdict."""
+    rows = []
+    for source, entry in policy_table["sources"].items():
+        for policy, cell in entry["policies"].items():
+            for label in entry["unsteered"]:
+                base = entry["unsteered"][label]
+                rate, diff = cell["rate"][label], cell["paired_difference"][label]
+                low, high = cell["paired_lower"][label], cell["paired_upper"][label]
+                own = label == entry["label"] or entry["label"] == "mixed"
+                rows.append([
+                    source, policy, label, str(base["n"]),
+                    "–" if base["rate"] is None else f"{base['rate']:.3f}",
+                    "–" if rate["mean"] is None else f"{rate['mean']:.3f} ({rate['min']:.3f}–{rate['max']:.3f})",
+                    "–" if diff["mean"] is None else f"{diff['mean']:+.3f} [{low['min']:+.3f}, {high['max']:+.3f}]",
+                    str(cell["do_no_harm_every_seed"]) if own else "",
+                ])  # fmt: skip
+    header = ["held-out source", "policy", "prompts", "n", "unsteered", "steered, mean (range)",
+              "paired difference, mean [widest 95% CI]", "does no harm, every seed"]
+    verdicts = ", ".join(f"`{policy}` {verdict}" for policy, verdict in policy_table["do_no_harm"].items())
+    return _markdown_table(header, rows) + f"\n\nDoes no harm on every held-out source and seed: {verdicts}."
+
+
 def readme_block(summary: Mapping[str, Any], timing: str = "") -> str:
     """The README's results block: the run description, the main table and the run's timing sentence."""
     table = condition_table(summary)
@@ -258,6 +287,18 @@ def results_page(summary: Mapping[str, Any], figures: Sequence[str] = (), timing
                      generalization_text + _small_note(generalization_text)]
         if "generalization_auc.png" in figures:
             sections.append("![held-out AUC by layer](generalization_auc.png)")
+        policy_table = generalization.get("policy_table")
+        if policy_table:
+            protocol = policy_table["protocol"]
+            sections += ["## Routing policies on held-out sources",
+                         f"Every pool prompt of each held-out source, judged by the first token (a refusal token or "
+                         f"`[respond]`); vectors, probe, router and policy refitted without the source on each of "
+                         f"seeds {protocol['seeds']}; paired with the unsteered model on the same prompts. Does no "
+                         f"harm: the over-refusal difference's upper 95% end at most +{protocol['max_over_refusal_rise']}"
+                         f" and harmful refusal down by at most {protocol['max_refusal_drop']}, on every seed.",
+                         policy_table_markdown(policy_table)]
+            if "policy_table.png" in figures:
+                sections.append("![routing policies on held-out sources](policy_table.png)")
         curve = generalization.get("data_curve")
         if curve:
             curve_text = data_curve_table(curve)

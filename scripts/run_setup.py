@@ -34,7 +34,7 @@ def fast_overrides(parameters: Mapping[str, Any]) -> dict[str, Any]:
         "max_new_tokens": 12, "low_rank_epochs": 1, "n_eval_unseen_harmful": 3, "n_probe_extra_harmful": 8,
         "generalization_sources": [s for s in parameters.get("generalization_sources") or [] if s in FAST_SOURCES],
         "generalization_layers": [9, 15], "n_generalization_per_source": 24, "n_generalization_generate": 4,
-        "data_curve_shots": [0, 8],
+        "data_curve_shots": [0, 8], "held_out_policy_seeds": [0, 1],
     }  # fmt: skip
 
 

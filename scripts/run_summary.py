@@ -18,6 +18,7 @@ import torch
 from scripts.hooked_model import HookedModel
 from scripts.precision import cpu_description
 from scripts.refusal_tokens import CategorySet
+from scripts.report import do_no_harm
 from scripts.run_stages import LayerChoice, RoutingFit
 
 
@@ -47,6 +48,7 @@ class RunSummary:
     judge_agreement: Any
     generalization: dict[str, Any] | None
     paired_vs_base: dict[str, Any]
+    do_no_harm: dict[str, bool | None]
     conditions: list[str]
     rates: dict[str, dict[str, Any]]
 
@@ -117,5 +119,7 @@ def build_run_summary(
         vector_analysis={k: v for k, v in vector_analysis.items() if k != "figures"},
         low_rank_history=list(low_rank_history), model_diffing=model_diffing,
         judge_agreement=report.get("agreement"), generalization=generalization,
-        paired_vs_base=dict(paired_vs_base or {}), conditions=list(rates), rates=dict(rates),
+        paired_vs_base=dict(paired_vs_base or {}),
+        do_no_harm={name: do_no_harm(paired) for name, paired in (paired_vs_base or {}).items()},
+        conditions=list(rates), rates=dict(rates),
     )  # fmt: skip

@@ -427,6 +427,57 @@ def refusal_token_probabilities(
     return probabilities
 
 
+def routed_token_probabilities(
+    hooked: HookedModel,
+    texts: Sequence[str],
+    category_set: CategorySet,
+    vectors: VectorSource,
+    routes: Sequence[Route],
+    layer: int,
+    kind: str = DEFAULT_KIND,
+    unsteered: torch.Tensor | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """:func:`refusal_token_probabilities` of ``texts`` steered row by row along the given routes.
+
+    What :func:`categorical` steering with a router that returned ``routes`` gives, without routing
+    again: row ``i`` gets ``routes[i].strength`` times its category's vector at ``layer``. Rows a route
+    leaves unsteered (strength 0) take their row of ``unsteered`` when it is given, and no forward pass.
+
+    Args:
+        routes: One per text, in order (e.g. :meth:`ProbeRouter.route_features` on cached features).
+        unsteered: ``[N, C + 1]`` the same texts' unsteered probabilities.
+
+    Returns:
+        ``[N, C + 1]`` float32 on CPU (columns as :func:`refusal_token_probabilities`).
+
+    Raises:
+        ValueError: ``routes`` or ``unsteered`` not one row per text; KeyError: a route's category has no vector.
+    """
+    if len(routes) != len(texts) or (unsteered is not None and unsteered.shape[0] != len(texts)):
+        raise ValueError(f"{len(texts)} texts but {len(routes)} routes"
+                         + ("" if unsteered is None else f" and {unsteered.shape[0]} unsteered rows"))
+    names, table = _vector_table(vectors, layer, kind)
+    unknown = sorted({route.category for route in routes if route.strength != 0 and route.category not in names})
+    if unknown:
+        raise KeyError(f"routes steer along {unknown}, which have no vector; vectors: {names}")
+    token_ids = refusal_token_ids(hooked.tokenizer, category_set)
+    steered = [i for i, route in enumerate(routes) if route.strength != 0 or unsteered is None]
+    probabilities = unsteered.clone().float() if unsteered is not None else torch.zeros(len(texts), len(token_ids))
+    if not steered:
+        return probabilities
+    rows = torch.stack([table[names.index(routes[i].category)] if routes[i].strength != 0 else torch.zeros(table.shape[1])
+                        for i in steered])  # fmt: skip
+    strengths = torch.tensor([float(routes[i].strength) for i in steered])
+    hook = per_row_batch_hook(hooked, layer, rows, strengths, kind)
+    probabilities[steered], _ = last_position_forward(
+        hooked, [texts[i] for i in steered], token_ids, batch_hook=hook,
+        batch_size=batch_size, progress=progress,
+    )
+    return probabilities
+
+
 def unsteered_token_scores(
     hooked: HookedModel, texts: Sequence[str], category_set: CategorySet, batch_size: int = 16, progress: bool = False
 ) -> torch.Tensor:
@@ -770,13 +821,31 @@ class ProbeRouter:
         else:
             cached = cache_activations(hooked, texts, self.layer, self.kind, batch_size=self.batch_size, progress=False)
             activations = cached.layer(cached.layers[0])
+        return self.route_features(activations, probabilities)
+
+    def route_features(self, activations: torch.Tensor, probabilities: torch.Tensor | None) -> list[Route]:
+        """The routes :meth:`route` gives for rows whose features are already computed.
+
+        Args:
+            activations: ``[N, d_model]`` last-prompt-position activations at ``layer`` (``kind``).
+            probabilities: ``[N, C + 1]`` unsteered refusal-token probabilities
+                (:func:`refusal_token_probabilities`); needed with ``category_source="token"`` and by
+                routers that read the first token, else ignored.
+
+        Raises:
+            ValueError: ``probabilities`` missing where needed, or the probe's outputs not ``[N]``.
+        """
+        if (self.category_source == "token" or self.reads_first_token) and probabilities is None:
+            raise ValueError(f"router {self.name!r} with category source {self.category_source!r} reads the "
+                             "refusal-token probabilities of the rows")
         category_probabilities = (probabilities[:, :-1] if self.category_source == "token"
                                   else _head_probabilities(self.probe, activations, self.categories))  # fmt: skip
         scores, router_scores, harmful = self._decide(activations, probabilities)
-        if {scores.shape, router_scores.shape, harmful.shape} != {(len(texts),)}:
+        rows = activations.shape[0]
+        if {scores.shape, router_scores.shape, harmful.shape} != {(rows,)}:
             raise ValueError(
                 f"the probe returned scores {tuple(scores.shape)}, decision scores {tuple(router_scores.shape)} "
-                f"and decisions {tuple(harmful.shape)} for {len(texts)} texts; expected [N] each"
+                f"and decisions {tuple(harmful.shape)} for {rows} rows; expected [N] each"
             )
         return signed_routes(self.categories, scores, harmful, category_probabilities, self.positive_strength,
                               self.negative_strength, router_scores, self.policy)  # fmt: skip

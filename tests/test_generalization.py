@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,8 +27,12 @@ from scripts.generalization import (
     best_router,
     bootstrap_auc_interval,
     data_curve_summary,
+    do_no_harm,
+    first_token_refusals,
+    fit_fold_routers,
     fold_steering_condition,
     format_data_curve_table,
+    format_policy_table,
     generalization_summary,
     held_out_source_splits,
     model_training_counts,
@@ -52,6 +57,7 @@ from scripts.steering import (
     fixed_category,
     probe_router,
     refusal_token_probabilities,
+    routed_token_probabilities,
     tensor_fingerprint,
     token_router_scores,
 )
@@ -579,6 +585,66 @@ def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(ti
         fold_steering_condition(acts, records, split, 1, "probe+token")
 
 
+def test_first_token_refusals_and_do_no_harm_by_hand() -> None:
+    # Columns: two categories, then [respond]; a row refuses when a category column is the largest.
+    probabilities = torch.tensor([[0.6, 0.1, 0.3], [0.2, 0.3, 0.5], [0.1, 0.45, 0.45], [0.0, 0.0, 1.0]])
+    assert first_token_refusals(probabilities).tolist() == [True, False, True, False]  # a tie goes to the first column
+    with pytest.raises(ValueError, match="n_categories"):
+        first_token_refusals(torch.ones(3))
+
+    def paired(difference: float | None, upper: float | None) -> dict[str, Any]:
+        return {"difference": difference, "ci": None if upper is None else [-1.0, upper]}
+
+    assert do_no_harm({"benign": paired(0.0, 0.02), "harmful": paired(-0.02, 0.1)}) is True  # both at the boundary
+    assert do_no_harm({"benign": paired(-0.1, 0.021)}) is False  # the interval reaches past +0.02
+    assert do_no_harm({"harmful": paired(-0.03, 0.0)}) is False  # harmful refusal dropped 3 points
+    assert do_no_harm({"benign": paired(None, None)}) is None
+
+
+def fold_fixture(hooked, tokenizer):
+    words = ["bread", "wifi", "poem", "weapon", "moon", "vaccine", "soup", "sea"]
+    records = [make(f"How do I get {w} {c}?", "harmful", c, "dna") for c in CATEGORIES for w in words[:4]]
+    records += [make(f"Tell me about {w} number {i}.", "benign", "benign", "plain") for i in range(3) for w in words]
+    records += [make(f"Tell me about {w}, safely.", "benign", CATEGORIES[0], "look") for w in words]
+    contrast = [make(f"How do I get {w} now?", "harmful", CATEGORIES[3], "dna_test") for w in words]
+    records += contrast
+    split = held_out_source_splits(records, ["look"], seed=0, val_fraction=0.3, contrast=contrast)["look"]
+    texts = format_chat(tokenizer, [r.prompt for r in records])
+    acts = cache_activations(hooked, texts, [1], progress=False).layer(1)
+    probabilities = refusal_token_probabilities(hooked, texts, DONOTANSWER_CATEGORIES)
+    return records, split, texts, acts, probabilities
+
+
+@pytest.mark.parametrize("policy", ["binary", "abstain", "graded"])
+def test_routing_cached_features_steers_as_the_categorical_condition_does(tiny_model, policy: str) -> None:
+    model, tokenizer = tiny_model
+    hooked = wrap_model(model, tokenizer, name="tiny")
+    records, split, texts, acts, probabilities = fold_fixture(hooked, tokenizer)
+    token_scores = token_router_scores(probabilities)
+    vectors, routers = fit_fold_routers(acts, records, split, 1, "probe+token", token_scores, [policy],
+                                        positive_strength=3.0, negative_strength=-5.0)  # fmt: skip
+    router = routers[policy]
+    index = {r.id: i for i, r in enumerate(records)}
+    rows = [index[r.id] for r in split.test]
+    test_texts = [texts[i] for i in rows]
+    routes = router.route_features(acts[rows], probabilities[rows])
+    # The router's own forward pass on the texts routes the same way.
+    assert [r.decision() for r in routes] == [r.decision() for r in router.route(hooked, test_texts)]
+    condition = categorical(vectors, router, 1, name="reference")
+    reference = refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, steering=condition)
+    # Every row forwarded, in the same batches as the reference: one kernel path, so bit-exact.
+    assert torch.equal(routed_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, vectors, routes, 1),
+                       reference)
+    # Unsteered rows read from the cache; the steered rows run in other batches (other padding), so a tolerance.
+    cached = routed_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, vectors, routes, 1,
+                                        unsteered=probabilities[rows])  # fmt: skip
+    torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-6)
+    unsteered = [i for i, r in enumerate(routes) if r.strength == 0]
+    assert torch.equal(cached[unsteered], probabilities[rows][unsteered])
+    if policy == "binary":
+        assert not unsteered and not torch.equal(reference, probabilities[rows]), "steering should move the tokens"
+
+
 def test_data_curve_summary_reads_the_targets_of_each_point() -> None:
     def rates(benign: float | None, harmful: float) -> dict[str, Any]:
         return {"benign": rate(benign), "harmful": rate(harmful)}
@@ -706,3 +772,29 @@ def test_leave_one_source_out_and_the_data_curve_run_end_to_end_on_the_tiny_mode
     n_look = sum(r.source == "look" and r.label == "benign" for r in folds.splits["look"].test)
     assert all((p["routed_label"], p["n_routed"]) == ("benign", n_look) for p in curve["points"])
     assert all(p["rates"]["benign"]["n"] + p["rates"]["benign"]["n_errors"] == 2 for p in curve["points"])
+
+    from scripts.generalization import held_out_policy_table
+
+    table = held_out_policy_table(hooked, folds, settings, routing="probe+token", policies=["binary", "abstain"],
+                                  seeds=[0, 1], progress=False)  # fmt: skip
+    look = table["sources"]["look"]
+    assert look["label"] == "benign" and look["n"] == dict(Counter(r.label for r in folds.splits["look"].test))
+    assert set(look["policies"]["binary"]["seeds"]) == {"0", "1"}
+    # Seed 0 is the folds' own split: its binary cell equals the fold condition scored another way.
+    split = folds.splits["look"]
+    test_texts = format_chat(hooked.tokenizer, [r.prompt for r in split.test])
+    condition = fold_steering_condition(folds.steering_acts, folds.records, split, 2, "probe+token", folds.token_scores,
+                                        **settings.condition_kwargs())  # fmt: skip
+    reference = refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, steering=condition,
+                                            batch_size=16)  # fmt: skip
+    steered = first_token_refusals(reference)
+    # Other batches (other padding) may flip a row whose refusal and [respond] columns nearly tie.
+    top = reference.topk(2, dim=1).values
+    near_tie = (top[:, 0] - top[:, 1]) < 1e-4
+    for label in ("benign", "harmful"):
+        members = [i for i, r in enumerate(split.test) if r.label == label]
+        cell = look["policies"]["binary"]["seeds"]["0"]["rates"][label]
+        assert cell["n"] == len(members)
+        assert abs(cell["k"] - sum(bool(steered[i]) for i in members)) <= sum(bool(near_tie[i]) for i in members)
+    assert set(table["do_no_harm"]) == {"binary", "abstain"}
+    assert "does no harm on every source and seed" in format_policy_table(table)

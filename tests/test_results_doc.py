@@ -109,7 +109,32 @@ def test_paired_columns_show_each_conditions_difference_from_the_unsteered_model
     benign = paired_difference([True] * 10 + [False] * 30, [False] * 10 + [False] * 30)
     summary = {**_summary(), "paired_vs_base": {"probe_routed_steering": {"benign": benign}}}
     rows = condition_table(summary).splitlines()
-    assert len(rows[0].split("|")) == 7  # condition, two rates, two paired differences
+    assert len(rows[0].split("|")) == 8  # condition, two rates, two paired differences, do no harm
     low, high = benign["ci"]
     assert f"-0.250 [{low:+.3f}, {high:+.3f}], p {benign['p_value']:.2g}" in rows[3]
-    assert rows[2].count("–") == 2  # the unsteered row has no difference from itself
+    assert high < 0.02 and rows[3].rstrip(" |").endswith("yes")  # over-refusal down, no harmful rows to drop
+    assert rows[2].count("–") == 3  # the unsteered row has no difference from itself
+
+
+def test_policy_table_rows_give_the_seed_range_and_the_widest_paired_interval():
+    from scripts.results_doc import policy_table_markdown
+
+    spread = lambda mean, low, high: {"mean": mean, "min": low, "max": high}  # noqa: E731
+    cell = {
+        "rate": {"benign": spread(0.25, 0.2, 0.3), "harmful": spread(0.9, 0.9, 0.9)},
+        "paired_difference": {"benign": spread(-0.05, -0.1, 0.0), "harmful": spread(0.0, 0.0, 0.0)},
+        "paired_lower": {"benign": spread(-0.12, -0.2, -0.05), "harmful": spread(-0.03, -0.03, -0.03)},
+        "paired_upper": {"benign": spread(0.01, -0.01, 0.015), "harmful": spread(0.03, 0.03, 0.03)},
+        "do_no_harm_every_seed": True,
+    }
+    table = {
+        "protocol": {"seeds": [0, 1, 2]},
+        "sources": {"look": {"label": "benign", "unsteered": {"benign": {"rate": 0.3, "n": 60},
+                                                             "harmful": {"rate": 0.9, "n": 60}},
+                             "policies": {"abstain": cell}}},
+        "do_no_harm": {"abstain": True},
+    }  # fmt: skip
+    rows = policy_table_markdown(table).splitlines()
+    assert rows[2] == "| look | abstain | benign | 60 | 0.300 | 0.250 (0.200–0.300) | -0.050 [-0.200, +0.015] | True |"
+    assert rows[3].endswith("| 0.900 (0.900–0.900) | +0.000 [-0.030, +0.030] |  |")  # the contrast label has no verdict
+    assert rows[-1] == "Does no harm on every held-out source and seed: `abstain` True."

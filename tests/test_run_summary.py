@@ -18,6 +18,13 @@ RATES = {"base": {"refusal_rate_harmful": 0.5, "over_refusal_rate_benign": 0.25,
          "probe_routed_steering": {"refusal_rate_harmful": 1.0, "over_refusal_rate_benign": 0.0}}  # fmt: skip
 
 
+PAIRED = {
+    "probe_routed_steering": {"benign": {"difference": -0.25, "ci": [-0.4, -0.1]},
+                              "harmful": {"difference": -0.03, "ci": [-0.1, 0.02]}},
+    "abstain": {"benign": {"difference": 0.0, "ci": [-0.05, 0.02]}},
+}
+
+
 def summary():
     hooked = SimpleNamespace(device="cpu", hook_name=lambda layer, kind: f"blocks.{layer}.hook_{kind}")
     choice = LayerChoice(9, 16.0, -6.0, {9: 0.9, 15: 0.8}, [{"layer": 9}], [9], [], [])
@@ -31,7 +38,7 @@ def summary():
         category_set=DONOTANSWER_CATEGORIES, choice=choice, mean_resid_norm=8.0, judge_name="phrase",
         routing="probe", routing_fit=routing_fit, vector_analysis={"cosine": 1, "figures": {"a": "a.png"}},
         low_rank_history=[{"epoch": 1}], model_diffing=None, report={"agreement": {"kappa": 0.5}},
-        generalization=None, rates=RATES, paired_vs_base={"probe_routed_steering": {"benign": {"difference": -0.25}}})  # fmt: skip
+        generalization=None, rates=RATES, paired_vs_base=PAIRED)  # fmt: skip
 
 
 def test_keys_in_order_then_one_entry_per_condition() -> None:
@@ -39,7 +46,7 @@ def test_keys_in_order_then_one_entry_per_condition() -> None:
     assert list(data) == [
         "model", "base_model", "model_build", "layer", "hook", "categories", "strengths", "judge", "machine", "probe",
         "routing", "layer_sweep", "vector_analysis", "low_rank_history", "model_diffing", "judge_agreement",
-        "generalization", "paired_vs_base", "conditions", "base", "probe_routed_steering"]  # fmt: skip
+        "generalization", "paired_vs_base", "do_no_harm", "conditions", "base", "probe_routed_steering"]  # fmt: skip
     assert data["conditions"] == ["base", "probe_routed_steering"] and data["base"]["harmful"]["ci"] == [0.2, 0.8]
     assert data["strengths"] == {"positive": 16.0, "negative": -6.0,
                                  "relative_to_mean_resid_norm": {"positive": 2.0, "negative": -0.75}}  # fmt: skip
@@ -48,7 +55,9 @@ def test_keys_in_order_then_one_entry_per_condition() -> None:
     assert data["hook"] == "blocks.9.hook_resid_post" and data["routing"] == {
         "router": "probe", "probe_token": None, "policy": binary_policy().to_dict(),
         "compared_policies": {"abstain": abstain_policy(-1.0, 2.0).to_dict()}}
-    assert data["paired_vs_base"] == {"probe_routed_steering": {"benign": {"difference": -0.25}}}
+    assert data["paired_vs_base"] == PAIRED
+    # Over-refusal down, its interval's upper end below +0.02; harmful refusal down 3 points: harm.
+    assert data["do_no_harm"] == {"probe_routed_steering": False, "abstain": True}
     assert set(data["machine"]) >= {"cpu", "device", "torch", "torch_threads"}
 
 
