@@ -1322,89 +1322,95 @@ def held_out_policy_table(
 
     For every seed the folds are split again (:func:`held_out_source_splits` with that seed; the folds'
     own seed reuses their splits), and vectors, probe, router and policy are refitted without the source
-    (:func:`fit_fold_routers`). Every test prompt of the fold (all its pool prompts, and the contrast
-    prompts of the other label) is then scored by the model's first token
-    (:func:`first_token_refusals`), unsteered and steered along its fold's routes
-    (:func:`scripts.steering.routed_token_probabilities`, from the cached activations and token
-    probabilities, so routing costs no forward pass). Each steered cell is compared with the unsteered
-    model on the same prompts (:func:`scripts.report.paired_difference`) and checked by :func:`do_no_harm`.
+    (:func:`fit_fold_routers`). Each fold's test prompts (all its pool prompts, and the contrast prompts
+    of the other label) are routed from the cached activations and token probabilities, and scored by
+    the model's first token (:func:`first_token_refusals`), unsteered and steered
+    (:func:`scripts.steering.routed_token_probabilities`: one pass over the prompts serves every seed,
+    source and policy). Each steered cell is compared with the unsteered model on the same prompts
+    (:func:`scripts.report.paired_difference`) and checked by :func:`scripts.report.do_no_harm`.
 
     Returns:
         ``{"protocol", "sources": {S: {"label", "n", "unsteered": {label: rate}, "policies": {policy:
         {"seeds": {seed: {"rates", "paired", "toward_refusal", "do_no_harm"}}, "rate": {label: spread},
         "paired_difference", "paired_lower", "paired_upper": {label: spread}, "toward_refusal": spread,
-        "do_no_harm_every_seed"}}}},
-        "do_no_harm": {policy: bool}}``; spreads are ``{"mean", "min", "max"}`` over seeds, and
-        ``toward_refusal`` is the share of the source's own benign prompts (or, for a harmful source,
-        its harmful ones) sent toward refusal.
+        "do_no_harm_every_seed"}}}}, "do_no_harm": {policy: bool}}``; spreads are ``{"mean", "min",
+        "max"}`` over seeds, and ``toward_refusal`` is the share of the source's own benign prompts (or,
+        for a harmful source, its harmful ones) sent toward refusal.
 
     Raises:
         ValueError: no seeds or policies, or as :func:`fit_fold_routers`.
     """
     if not seeds or not policies:
         raise ValueError("the policy table needs at least one seed and one policy")
-    category_set = settings.category_set
-    texts = _chat_texts(hooked.tokenizer, folds.records, system_prompt)
     index = _row_index(folds.records)
-    refused_unsteered = first_token_refusals(folds.token_probabilities)
     sources = list(folds.splits)
-    table: dict[str, Any] = {}
-    for source in sources:
-        test = folds.splits[source].test
-        own = {record.label for record in test if record.source == source}
-        table[source] = {
-            "label": _source_kind(sorted(own)),
-            "n": dict(Counter(record.label for record in test)),
-            "unsteered": {},
-            "policies": {policy: {"seeds": {}} for policy in policies},
-        }
-        rows = _rows(index, test, "test")
-        for label in sorted({record.label for record in test}):
-            verdicts = [bool(refused_unsteered[row]) for row, record in zip(rows.tolist(), test) if record.label == label]
-            table[source]["unsteered"][label] = rate_summary(verdicts)
+    fold_rows: dict[tuple[int, str], list[int]] = {}
+    fitted: dict[tuple[int, str, str], tuple[SteeringVectors, list[Route]]] = {}
     for seed in seeds:
         splits = folds.splits if seed == folds.seed else held_out_source_splits(
             folds.records, sources, seed=seed, contrast=folds.contrast)  # fmt: skip
         for source, split in splits.items():
             rows = _rows(index, split.test, "test")
+            fold_rows[(seed, source)] = rows.tolist()
             vectors, routers = fit_fold_routers(
                 folds.steering_acts, folds.records, split, folds.steering_layer, routing, folds.token_scores, policies,
                 **settings.condition_kwargs(),
             )  # fmt: skip
-            own_label = "harmful" if table[source]["label"] == "harmful" else "benign"
-            own_rows = [i for i, record in enumerate(split.test) if record.source == source and record.label == own_label]
             for policy, router in routers.items():
-                routes = router.route_features(folds.steering_acts[rows], folds.token_probabilities[rows])
-                steered = first_token_refusals(routed_token_probabilities(
-                    hooked, [texts[row] for row in rows.tolist()], category_set, vectors, routes,
-                    folds.steering_layer, settings.hook_kind, unsteered=folds.token_probabilities[rows],
-                    batch_size=settings.batch_size,
-                ))  # fmt: skip
-                rates, paired = {}, {}
-                for label in table[source]["unsteered"]:
-                    members = [i for i, record in enumerate(split.test) if record.label == label]
-                    rates[label] = rate_summary([bool(steered[i]) for i in members])
-                    paired[label] = paired_difference([bool(refused_unsteered[rows[i]]) for i in members],
-                                                      [bool(steered[i]) for i in members])  # fmt: skip
-                toward = sum(routes[i].route == "harmful" for i in own_rows) / len(own_rows) if own_rows else None
-                table[source]["policies"][policy]["seeds"][str(seed)] = {
-                    "rates": rates, "paired": paired, "toward_refusal": toward, "do_no_harm": do_no_harm(paired),
-                }
-                if progress:
-                    logger.info("seed %d, %s, %s: %s", seed, source, policy,
-                                {label: round(r["rate"], 3) for label, r in rates.items() if r["rate"] is not None})
+                fitted[(seed, source, policy)] = (
+                    vectors, router.route_features(folds.steering_acts[rows], folds.token_probabilities[rows]))
+    # Every fold's test rows in one list, each fold's routes spread over it (unsteered elsewhere).
+    unique = sorted({row for rows in fold_rows.values() for row in rows})
+    position = {row: i for i, row in enumerate(unique)}
+    idle = Route("unsteered", None, 0.0)
+    conditions = {}
+    for (seed, source, policy), (vectors, routes) in fitted.items():
+        spread = [idle] * len(unique)
+        for row, route in zip(fold_rows[(seed, source)], routes):
+            spread[position[row]] = route
+        conditions[f"{seed}|{source}|{policy}"] = (vectors, spread)
+    texts = _chat_texts(hooked.tokenizer, [folds.records[row] for row in unique], system_prompt)
+    unsteered, steered = routed_token_probabilities(hooked, texts, settings.category_set, conditions,
+                                                    folds.steering_layer, settings.hook_kind,
+                                                    batch_size=settings.batch_size, progress=progress)  # fmt: skip
+    refused_unsteered = first_token_refusals(unsteered)
+    table: dict[str, Any] = {}
+    for source in sources:
+        test = folds.splits[source].test
+        own = sorted({record.label for record in test if record.source == source})
+        table[source] = {"label": _source_kind(own), "n": dict(Counter(record.label for record in test)),
+                         "unsteered": {}, "policies": {policy: {"seeds": {}} for policy in policies}}  # fmt: skip
+        for label in sorted({record.label for record in test}):
+            table[source]["unsteered"][label] = rate_summary(
+                [bool(refused_unsteered[position[index[r.id]]]) for r in test if r.label == label])
+    for (seed, source, policy), (_, routes) in fitted.items():
+        rows = fold_rows[(seed, source)]
+        records = [folds.records[row] for row in rows]
+        refused = first_token_refusals(steered[f"{seed}|{source}|{policy}"])
+        own_label = "harmful" if table[source]["label"] == "harmful" else "benign"
+        rates, paired = {}, {}
+        for label in table[source]["unsteered"]:
+            members = [position[row] for row, record in zip(rows, records) if record.label == label]
+            rates[label] = rate_summary([bool(refused[i]) for i in members])
+            paired[label] = paired_difference([bool(refused_unsteered[i]) for i in members],
+                                              [bool(refused[i]) for i in members])  # fmt: skip
+        own_routes = [route for route, record in zip(routes, records)
+                      if record.source == source and record.label == own_label]  # fmt: skip
+        toward = sum(route.route == "harmful" for route in own_routes) / len(own_routes) if own_routes else None
+        table[source]["policies"][policy]["seeds"][str(seed)] = {
+            "rates": rates, "paired": paired, "toward_refusal": toward, "do_no_harm": do_no_harm(paired),
+        }
     overall: dict[str, bool | None] = {}
     for source, entry in table.items():
         for policy, cell in entry["policies"].items():
             by_seed = list(cell["seeds"].values())
             labels = list(entry["unsteered"])
-            cell["rate"] = {label: _seed_spread([s["rates"][label]["rate"] for s in by_seed]) for label in labels}
             cell["paired_difference"] = {
                 label: _seed_spread([s["paired"][label]["difference"] for s in by_seed]) for label in labels}
-            cell["paired_lower"] = {
-                label: _seed_spread([(s["paired"][label]["ci"] or [None, None])[0] for s in by_seed]) for label in labels}
-            cell["paired_upper"] = {
-                label: _seed_spread([(s["paired"][label]["ci"] or [None, None])[1] for s in by_seed]) for label in labels}
+            cell["rate"] = {label: _seed_spread([s["rates"][label]["rate"] for s in by_seed]) for label in labels}
+            for key, end in (("paired_lower", 0), ("paired_upper", 1)):
+                cell[key] = {label: _seed_spread([(s["paired"][label]["ci"] or [None, None])[end] for s in by_seed])
+                             for label in labels}  # fmt: skip
             cell["toward_refusal"] = _seed_spread([s["toward_refusal"] for s in by_seed])
             verdicts = [s["do_no_harm"] for s in by_seed]
             cell["do_no_harm_every_seed"] = None if None in verdicts else all(verdicts)

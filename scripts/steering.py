@@ -431,51 +431,80 @@ def routed_token_probabilities(
     hooked: HookedModel,
     texts: Sequence[str],
     category_set: CategorySet,
-    vectors: VectorSource,
-    routes: Sequence[Route],
+    conditions: Mapping[str, tuple[VectorSource, Sequence[Route]]],
     layer: int,
     kind: str = DEFAULT_KIND,
-    unsteered: torch.Tensor | None = None,
     batch_size: int = 16,
     progress: bool = False,
-) -> torch.Tensor:
-    """:func:`refusal_token_probabilities` of ``texts`` steered row by row along the given routes.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`refusal_token_probabilities` of ``texts``, unsteered and steered along each condition's routes.
 
-    What :func:`categorical` steering with a router that returned ``routes`` gives, without routing
-    again: row ``i`` gets ``routes[i].strength`` times its category's vector at ``layer``. Rows a route
-    leaves unsteered (strength 0) take their row of ``unsteered`` when it is given, and no forward pass.
+    What :func:`categorical` steering gives with a router that returned those routes, without routing
+    again: row ``i`` gets ``routes[i].strength`` times its category's vector at ``layer``, at the last
+    prompt position (:data:`DEFAULT_POSITIONS`). Since only that position is steered, each batch's
+    prompts minus their last token run once, unsteered, into a KV cache; the last token then runs on
+    that cache once unsteered and once per condition (the cache cropped back after each). That equals
+    the full steered forward pass up to floating-point order, at a fraction of its cost when many
+    conditions share the prompts.
 
     Args:
-        routes: One per text, in order (e.g. :meth:`ProbeRouter.route_features` on cached features).
-        unsteered: ``[N, C + 1]`` the same texts' unsteered probabilities.
+        conditions: Name → ``(vectors, routes)``: the category vectors and one route per text (a route of
+            strength 0, e.g. for a row the condition does not cover, leaves the row unsteered).
 
     Returns:
-        ``[N, C + 1]`` float32 on CPU (columns as :func:`refusal_token_probabilities`).
+        ``(unsteered [N, C + 1], {name: steered [N, C + 1]})``, float32 on CPU, columns as
+        :func:`refusal_token_probabilities`.
 
     Raises:
-        ValueError: ``routes`` or ``unsteered`` not one row per text; KeyError: a route's category has no vector.
+        ValueError: no texts, or a condition without one route per text; KeyError: a route's category
+            has no vector.
     """
-    if len(routes) != len(texts) or (unsteered is not None and unsteered.shape[0] != len(texts)):
-        raise ValueError(f"{len(texts)} texts but {len(routes)} routes"
-                         + ("" if unsteered is None else f" and {unsteered.shape[0]} unsteered rows"))
-    names, table = _vector_table(vectors, layer, kind)
-    unknown = sorted({route.category for route in routes if route.strength != 0 and route.category not in names})
-    if unknown:
-        raise KeyError(f"routes steer along {unknown}, which have no vector; vectors: {names}")
-    token_ids = refusal_token_ids(hooked.tokenizer, category_set)
-    steered = [i for i, route in enumerate(routes) if route.strength != 0 or unsteered is None]
-    probabilities = unsteered.clone().float() if unsteered is not None else torch.zeros(len(texts), len(token_ids))
-    if not steered:
-        return probabilities
-    rows = torch.stack([table[names.index(routes[i].category)] if routes[i].strength != 0 else torch.zeros(table.shape[1])
-                        for i in steered])  # fmt: skip
-    strengths = torch.tensor([float(routes[i].strength) for i in steered])
-    hook = per_row_batch_hook(hooked, layer, rows, strengths, kind)
-    probabilities[steered], _ = last_position_forward(
-        hooked, [texts[i] for i in steered], token_ids, batch_hook=hook,
-        batch_size=batch_size, progress=progress,
-    )
-    return probabilities
+    from tqdm.auto import tqdm
+
+    if not texts:
+        raise ValueError("no texts given")
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, (vectors, routes) in conditions.items():
+        if len(routes) != len(texts):
+            raise ValueError(f"condition {name!r} has {len(routes)} routes for {len(texts)} texts")
+        names, table = _vector_table(vectors, layer, kind)
+        _check_width(table, hooked.d_model)
+        unknown = sorted({r.category for r in routes if r.strength != 0 and r.category not in names})
+        if unknown:
+            raise KeyError(f"condition {name!r} steers along {unknown}, which have no vector; vectors: {names}")
+        rows = torch.stack([table[names.index(r.category)] if r.strength != 0 else torch.zeros(table.shape[1])
+                            for r in routes])  # fmt: skip
+        tables[name] = (rows, torch.tensor([float(r.strength) for r in routes]))
+    hooked.hook_name(layer, kind)
+    token_ids = torch.as_tensor(refusal_token_ids(hooked.tokenizer, category_set), dtype=torch.long, device=hooked.device)
+    unsteered = torch.zeros(len(texts), len(token_ids))
+    steered = {name: torch.zeros(len(texts), len(token_ids)) for name in conditions}
+    lengths = [len(ids) for ids in hooked.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    if min(lengths) < 2:
+        raise ValueError("every text needs at least two tokens (a prefix and the last prompt token)")
+
+    def last_token(encoded: Mapping[str, torch.Tensor], cache: Any) -> torch.Tensor:
+        logits = hooked.model(input_ids=encoded["input_ids"][:, -1:], attention_mask=encoded["attention_mask"],
+                              position_ids=encoded["position_ids"][:, -1:], past_key_values=cache, use_cache=True,
+                              logits_to_keep=1).logits[:, -1, :]  # fmt: skip
+        cache.crop(-1)
+        return torch.softmax(logits.float(), dim=-1)[:, token_ids].cpu()
+
+    with torch.no_grad():
+        for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="steered first token", disable=not progress):
+            encoded = encode_texts(hooked.tokenizer, [texts[i] for i in batch], hooked.device)
+            cache = hooked.model(input_ids=encoded["input_ids"][:, :-1], attention_mask=encoded["attention_mask"][:, :-1],
+                                 position_ids=encoded["position_ids"][:, :-1], use_cache=True,
+                                 logits_to_keep=1).past_key_values  # fmt: skip
+            index = torch.as_tensor(batch, dtype=torch.long)
+            unsteered[index] = last_token(encoded, cache)
+            for name, (rows, strengths) in tables.items():
+                if not strengths[index].any():
+                    steered[name][index] = unsteered[index]
+                    continue
+                with steer(hooked, layer, rows[index], strengths[index], kind):
+                    steered[name][index] = last_token(encoded, cache)
+    return unsteered, steered
 
 
 def unsteered_token_scores(

@@ -615,34 +615,36 @@ def fold_fixture(hooked, tokenizer):
     return records, split, texts, acts, probabilities
 
 
-@pytest.mark.parametrize("policy", ["binary", "abstain", "graded"])
-def test_routing_cached_features_steers_as_the_categorical_condition_does(tiny_model, policy: str) -> None:
+def test_routing_cached_features_steers_as_the_categorical_condition_does(tiny_model) -> None:
     model, tokenizer = tiny_model
     hooked = wrap_model(model, tokenizer, name="tiny")
     records, split, texts, acts, probabilities = fold_fixture(hooked, tokenizer)
     token_scores = token_router_scores(probabilities)
-    vectors, routers = fit_fold_routers(acts, records, split, 1, "probe+token", token_scores, [policy],
+    policies = ["binary", "abstain", "graded"]
+    vectors, routers = fit_fold_routers(acts, records, split, 1, "probe+token", token_scores, policies,
                                         positive_strength=3.0, negative_strength=-5.0)  # fmt: skip
-    router = routers[policy]
     index = {r.id: i for i, r in enumerate(records)}
     rows = [index[r.id] for r in split.test]
     test_texts = [texts[i] for i in rows]
-    routes = router.route_features(acts[rows], probabilities[rows])
-    # The router's own forward pass on the texts routes the same way.
-    assert [r.decision() for r in routes] == [r.decision() for r in router.route(hooked, test_texts)]
-    condition = categorical(vectors, router, 1, name="reference")
-    reference = refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, steering=condition)
-    # Every row forwarded, in the same batches as the reference: one kernel path, so bit-exact.
-    assert torch.equal(routed_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, vectors, routes, 1),
-                       reference)
-    # Unsteered rows read from the cache; the steered rows run in other batches (other padding), so a tolerance.
-    cached = routed_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, vectors, routes, 1,
-                                        unsteered=probabilities[rows])  # fmt: skip
-    torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-6)
-    unsteered = [i for i, r in enumerate(routes) if r.strength == 0]
-    assert torch.equal(cached[unsteered], probabilities[rows][unsteered])
-    if policy == "binary":
-        assert not unsteered and not torch.equal(reference, probabilities[rows]), "steering should move the tokens"
+    routes = {policy: router.route_features(acts[rows], probabilities[rows]) for policy, router in routers.items()}
+    for policy, router in routers.items():
+        # The router's own forward pass on the texts routes the same way.
+        assert [r.decision() for r in routes[policy]] == [r.decision() for r in router.route(hooked, test_texts)]
+    unsteered, steered = routed_token_probabilities(
+        hooked, test_texts, DONOTANSWER_CATEGORIES, {policy: (vectors, routes[policy]) for policy in policies}, 1,
+        batch_size=5)  # fmt: skip
+    # The prefix's KV cache plus the last token against the whole prompt in one pass: another kernel path.
+    torch.testing.assert_close(unsteered, refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    for policy, router in routers.items():
+        reference = refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES,
+                                                steering=categorical(vectors, router, 1, name=policy))  # fmt: skip
+        torch.testing.assert_close(steered[policy], reference, rtol=1e-4, atol=1e-6)
+        idle = [i for i, r in enumerate(routes[policy]) if r.strength == 0]
+        assert torch.equal(steered[policy][idle], unsteered[idle])
+    assert not torch.allclose(steered["binary"], unsteered), "steering should move the refusal tokens"
+    with pytest.raises(ValueError, match="has 1 routes for"):
+        routed_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, {"x": (vectors, routes["binary"][:1])}, 1)
 
 
 def test_data_curve_summary_reads_the_targets_of_each_point() -> None:
