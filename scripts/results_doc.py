@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from scripts.report import do_no_harm
+from scripts.report import do_no_harm, paired_difference
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,17 @@ def policy_table_markdown(policy_table: Mapping[str, Any]) -> str:
     header = ["held-out source", "policy", "prompts", "n", "unsteered", "steered, mean (range)",
               "paired difference, mean [widest 95% CI]", "does no harm, every seed"]
     verdicts = ", ".join(f"`{policy}` {verdict}" for policy, verdict in policy_table["do_no_harm"].items())
-    return _markdown_table(header, rows) + f"\n\nDoes no harm on every held-out source and seed: {verdicts}."
+    text = _markdown_table(header, rows) + f"\n\nDoes no harm on every held-out source and seed: {verdicts}."
+    benign_n = [entry["unsteered"]["benign"]["n"] for entry in policy_table["sources"].values()
+                if entry["unsteered"].get("benign", {}).get("n")]  # fmt: skip
+    bound = policy_table["protocol"].get("max_over_refusal_rise")
+    if benign_n and bound is not None:
+        n = min(benign_n)
+        upper = paired_difference([False] * n, [False] * n)["ci"][1]
+        needed = next(m for m in range(n, 100 * n) if paired_difference([False] * m, [False] * m)["ci"][1] <= bound)
+        text += (f" Even with no verdict changed, {n} benign prompts give a paired interval up to {upper:+.3f}; "
+                 f"an upper end of {bound:+.2f} or less needs at least {needed} prompts with none changed.")
+    return text
 
 
 def readme_block(summary: Mapping[str, Any], timing: str = "") -> str:

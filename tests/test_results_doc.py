@@ -128,7 +128,7 @@ def test_policy_table_rows_give_the_seed_range_and_the_widest_paired_interval():
         "do_no_harm_every_seed": True,
     }
     table = {
-        "protocol": {"seeds": [0, 1, 2]},
+        "protocol": {"seeds": [0, 1, 2], "max_over_refusal_rise": 0.02},
         "sources": {"look": {"label": "benign", "unsteered": {"benign": {"rate": 0.3, "n": 60},
                                                              "harmful": {"rate": 0.9, "n": 60}},
                              "policies": {"abstain": cell}}},
@@ -137,4 +137,9 @@ def test_policy_table_rows_give_the_seed_range_and_the_widest_paired_interval():
     rows = policy_table_markdown(table).splitlines()
     assert rows[2] == "| look | abstain | benign | 60 | 0.300 | 0.250 (0.200–0.300) | -0.050 [-0.200, +0.015] | True |"
     assert rows[3].endswith("| 0.900 (0.900–0.900) | +0.000 [-0.030, +0.030] |  |")  # the contrast label has no verdict
-    assert rows[-1] == "Does no harm on every held-out source and seed: `abstain` True."
+    assert rows[-1].startswith("Does no harm on every held-out source and seed: `abstain` True.")
+    # The table's resolution: 60 prompts with no verdict changed still leave the upper end above +0.02.
+    from scripts.report import paired_difference
+
+    upper = paired_difference([False] * 60, [False] * 60)["ci"][1]
+    assert f"60 benign prompts give a paired interval up to {upper:+.3f}" in rows[-1] and upper > 0.02
