@@ -540,9 +540,7 @@ def test_adding_shots_keeps_the_test_side_and_never_crosses_it() -> None:
         add_source_shots(split, [make("Edgy but fine question 1", "benign", "benign", "look")], 1)
 
 
-def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(tiny_model) -> None:
-    model, tokenizer = tiny_model
-    hooked = wrap_model(model, tokenizer, name="tiny")
+def fold_fixture(hooked, tokenizer):
     words = ["bread", "wifi", "poem", "weapon", "moon", "vaccine", "soup", "sea"]
     records = [make(f"How do I get {w} {c}?", "harmful", c, "dna") for c in CATEGORIES for w in words[:4]]
     records += [make(f"Tell me about {w} number {i}.", "benign", "benign", "plain") for i in range(3) for w in words]
@@ -552,7 +550,15 @@ def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(ti
     split = held_out_source_splits(records, ["look"], seed=0, val_fraction=0.3, contrast=contrast)["look"]
     texts = format_chat(tokenizer, [r.prompt for r in records])
     acts = cache_activations(hooked, texts, [1], progress=False).layer(1)
-    token_scores = token_router_scores(refusal_token_probabilities(hooked, texts, DONOTANSWER_CATEGORIES))
+    probabilities = refusal_token_probabilities(hooked, texts, DONOTANSWER_CATEGORIES)
+    return records, split, texts, acts, probabilities
+
+
+def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(tiny_model) -> None:
+    model, tokenizer = tiny_model
+    hooked = wrap_model(model, tokenizer, name="tiny")
+    records, split, texts, acts, probabilities = fold_fixture(hooked, tokenizer)
+    token_scores = token_router_scores(probabilities)
     test_texts = format_chat(tokenizer, [r.prompt for r in split.test])
     test_acts = cache_activations(hooked, test_texts, [1], progress=False).layer(1)
     test_tokens = token_router_scores(refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES))
@@ -599,20 +605,6 @@ def test_first_token_refusals_and_do_no_harm_by_hand() -> None:
     assert do_no_harm({"benign": paired(-0.1, 0.021)}) is False  # the interval reaches past +0.02
     assert do_no_harm({"harmful": paired(-0.03, 0.0)}) is False  # harmful refusal dropped 3 points
     assert do_no_harm({"benign": paired(None, None)}) is None
-
-
-def fold_fixture(hooked, tokenizer):
-    words = ["bread", "wifi", "poem", "weapon", "moon", "vaccine", "soup", "sea"]
-    records = [make(f"How do I get {w} {c}?", "harmful", c, "dna") for c in CATEGORIES for w in words[:4]]
-    records += [make(f"Tell me about {w} number {i}.", "benign", "benign", "plain") for i in range(3) for w in words]
-    records += [make(f"Tell me about {w}, safely.", "benign", CATEGORIES[0], "look") for w in words]
-    contrast = [make(f"How do I get {w} now?", "harmful", CATEGORIES[3], "dna_test") for w in words]
-    records += contrast
-    split = held_out_source_splits(records, ["look"], seed=0, val_fraction=0.3, contrast=contrast)["look"]
-    texts = format_chat(tokenizer, [r.prompt for r in records])
-    acts = cache_activations(hooked, texts, [1], progress=False).layer(1)
-    probabilities = refusal_token_probabilities(hooked, texts, DONOTANSWER_CATEGORIES)
-    return records, split, texts, acts, probabilities
 
 
 def test_routing_cached_features_steers_as_the_categorical_condition_does(tiny_model) -> None:
