@@ -31,6 +31,7 @@ CONDITION_LABELS: dict[str, str] = {
     "base": "base (unsteered)",
     "categorical_steering": "categorical steering (own token routes)",
     "probe_routed_steering": "probe-routed steering",
+    "probe_routed_binary": "probe-routed, binary (the paper's policy)",
     "probe_routed_abstain": "probe-routed, abstain band",
     "probe_routed_graded": "probe-routed, graded strength",
     "low_rank_combination": "low-rank combination",
@@ -90,6 +91,7 @@ def condition_table(summary: Mapping[str, Any]) -> str:
     whether it does no harm (:func:`scripts.report.do_no_harm`).
     """
     paired = summary.get("paired_vs_base") or {}
+    policy = (summary.get("routing") or {}).get("policy", {}).get("name")
     rows = []
     for name in _ordered_conditions(summary):
         cells = [_rate_cell(summary[name].get(label, {})) for label in ("harmful", "benign")]
@@ -97,7 +99,10 @@ def condition_table(summary: Mapping[str, Any]) -> str:
             cells += [format_paired(paired.get(name, {}).get(label)) for label in ("harmful", "benign")]
             verdict = do_no_harm(paired[name]) if name in paired else None
             cells.append("–" if verdict is None else ("yes" if verdict else "no"))
-        rows.append([CONDITION_LABELS.get(name, name) + f" (`{name}`)", *cells])
+        label = CONDITION_LABELS.get(name, name)
+        if name == "probe_routed_steering" and policy:
+            label += f", {policy} policy"
+        rows.append([label + f" (`{name}`)", *cells])
     header = ["condition", "refusal on harmful [95% CI] (k/n)", "over-refusal on benign look-alikes [95% CI] (k/n)"]
     if paired:
         header += ["Δ refusal vs unsteered, paired [95% CI], McNemar p",
