@@ -209,8 +209,8 @@ def run_study(
     trained = {name: training_ids(m, corpus, category_set) for name, m in metrics.items()}
     # Held-out Do-Not-Answer prompts: those no build trained on.
     default_split = select_offline_data(corpus, category_set, benign_ratio=DEFAULT_BENIGN_RATIO)
-    never = set().union(*trained.values())
-    held_out_test = [r for r in default_split.test_harmful if r.id not in never]
+    ever_trained = set().union(*trained.values())
+    held_out_test = [r for r in default_split.test_harmful if r.id not in ever_trained]
     sets = evaluation_sets(corpus, held_out_test, exclude_sources)
     every = {r.id: r for records in sets.values() for r in records}
     decisions = {name: first_token_refused(path, list(every.values()), category_set) for name, path in models.items()}
@@ -220,7 +220,7 @@ def run_study(
         "benign_ratios": list(benign_ratios),
         "reference": reference,
         "seed": metrics[reference]["split"]["seed"],
-        "machine": f"{cpu_description()['cpu']} ({cpu_description()['cpu_capability']})",
+        "machine": "{cpu} ({cpu_capability})".format(**cpu_description()),
         "builds": {name: {"figures": m["figures"], "train_harmful": m["split"]["train_harmful_distinct"],
                           "train_benign": sum(m["split"]["train_benign_by_source"].values()),
                           "minutes": m["timings"]["total_s"] / 60, "precision": m["precision"]["resolved"],
