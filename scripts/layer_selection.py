@@ -44,10 +44,12 @@ from scripts.refusal_tokens import CategorySet
 from scripts.steering import (
     DEFAULT_KIND,
     DEFAULT_POSITIONS,
+    Route,
     VectorSource,
     check_positions,
     per_row_batch_hook,
     refusal_token_probabilities,
+    routed_token_probabilities,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,14 +158,11 @@ def sweep_layers(
     weights = {"positive": (router_tpr, router_fpr), "negative": (1.0 - router_tpr, 1.0 - router_fpr)}
     sides = [("positive", float(s)) for s in positive_strengths] + [("negative", -float(s)) for s in negative_strengths]
     entries = [(layer, requested, side, strength) for layer, requested in zip(resolved, layers) for side, strength in sides]
+    steered = _steered_probabilities(hooked, texts, category_set, entries, vectors, categories, kind, positions,
+                                     batch_size, progress)  # fmt: skip
     table = []
-    for layer, requested, side, strength in tqdm(entries, desc="layer sweep", disable=not progress):
-        if strength == 0:
-            probabilities = unsteered
-        else:
-            rows = _vectors_at(vectors, layer, requested, category_set)[categories]
-            hook = per_row_batch_hook(hooked, layer, rows, torch.full((len(texts),), strength), kind, positions)
-            probabilities = refusal_token_probabilities(hooked, texts, category_set, hook, batch_size=batch_size)
+    for (layer, requested, side, strength), probabilities in zip(entries, steered):
+        probabilities = unsteered if strength == 0 else probabilities
         harmful, benign = probabilities[:n_harmful], probabilities[n_harmful:]
         entry = {
             "layer": layer,
@@ -183,6 +182,47 @@ def sweep_layers(
     logger.info("best: layer %d, strengths %+g / %+g (objective %.4f)", best["layer"], best["positive_strength"],
                 best["negative_strength"], best["objective"])
     return table
+
+
+def _steered_probabilities(
+    hooked: HookedModel,
+    texts: Sequence[str],
+    category_set: CategorySet,
+    entries: Sequence[tuple[int, int, str, float]],
+    vectors: VectorsByLayer,
+    categories: Sequence[int],
+    kind: str,
+    positions: str,
+    batch_size: int,
+    progress: bool,
+) -> list[torch.Tensor]:
+    """``[N, C + 1]`` first-token probabilities of ``texts`` under each ``(layer, requested, side, strength)``
+    entry, every row steered along its category's vector.
+
+    Steering only the last prompt position (the first generated one is never reached) touches nothing
+    before it, so every entry shares one unsteered prefix pass per batch
+    (:func:`scripts.steering.routed_token_probabilities`); other position modes run each entry in full.
+    """
+    from tqdm.auto import tqdm
+
+    stacked = [_vectors_at(vectors, layer, requested, category_set) for layer, requested, _, _ in entries]
+    if positions != DEFAULT_POSITIONS:
+        results = []
+        for (layer, _, _, strength), table in tqdm(list(zip(entries, stacked)), desc="layer sweep",
+                                                   disable=not progress):  # fmt: skip
+            hook = per_row_batch_hook(hooked, layer, table[list(categories)], torch.full((len(texts),), strength),
+                                      kind, positions)  # fmt: skip
+            results.append(refusal_token_probabilities(hooked, texts, category_set, hook, batch_size=batch_size))
+        return results
+    conditions, layers = {}, {}
+    for index, ((layer, _, side, strength), table) in enumerate(zip(entries, stacked)):
+        route = "harmful" if side == "positive" else "benign"
+        routes = [Route(route, category_set.categories[category], strength) for category in categories]
+        conditions[str(index)] = (dict(zip(category_set.categories, table)), routes)
+        layers[str(index)] = layer
+    _, steered = routed_token_probabilities(hooked, texts, category_set, conditions, layers, kind,
+                                            batch_size=batch_size, progress=progress)  # fmt: skip
+    return [steered[str(index)] for index in range(len(entries))]
 
 
 def best_strengths(table: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

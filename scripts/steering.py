@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from scripts.activation_caching import cache_activations, position_ids_from_mask
-from scripts.hooked_model import HookedModel, HookFunction
+from scripts.hooked_model import HookedModel, HookFunction, validate_layer
 from scripts.model import BatchHookFactory, length_sorted_batches, prepare_tokenizer, resolve_device
 from scripts.refusal_tokens import CategorySet
 
@@ -432,7 +432,7 @@ def routed_token_probabilities(
     texts: Sequence[str],
     category_set: CategorySet,
     conditions: Mapping[str, tuple[VectorSource, Sequence[Route]]],
-    layer: int,
+    layer: int | Mapping[str, int],
     kind: str = DEFAULT_KIND,
     batch_size: int = 16,
     progress: bool = False,
@@ -440,16 +440,18 @@ def routed_token_probabilities(
     """:func:`refusal_token_probabilities` of ``texts``, unsteered and steered along each condition's routes.
 
     What :func:`categorical` steering gives with a router that returned those routes, without routing
-    again: row ``i`` gets ``routes[i].strength`` times its category's vector at ``layer``, at the last
-    prompt position (:data:`DEFAULT_POSITIONS`). Since only that position is steered, each batch's
-    prompts minus their last token run once, unsteered, into a KV cache; the last token then runs on
-    that cache once unsteered and once per condition (the cache cropped back after each). That equals
-    the full steered forward pass up to floating-point order, at a fraction of its cost when many
+    again: row ``i`` gets ``routes[i].strength`` times its category's vector at the condition's layer,
+    at the last prompt position (:data:`DEFAULT_POSITIONS`). Since only that position is steered, each
+    batch's prompts minus their last token run once, unsteered, into a KV cache; the last token then
+    runs on that cache once unsteered and once per condition (the cache cropped back after each). That
+    equals the full steered forward pass up to floating-point order, at a fraction of its cost when many
     conditions share the prompts.
 
     Args:
         conditions: Name → ``(vectors, routes)``: the category vectors and one route per text (a route of
             strength 0, e.g. for a row the condition does not cover, leaves the row unsteered).
+        layer: The layer every condition steers, or condition name → its layer (the prefix is
+            unsteered, so conditions at different layers share it too).
 
     Returns:
         ``(unsteered [N, C + 1], {name: steered [N, C + 1]})``, float32 on CPU, columns as
@@ -457,17 +459,23 @@ def routed_token_probabilities(
 
     Raises:
         ValueError: no texts, or a condition without one route per text; KeyError: a route's category
-            has no vector.
+            has no vector, or a layer mapping without a condition's name.
     """
     from tqdm.auto import tqdm
 
     if not texts:
         raise ValueError("no texts given")
+    layers = dict(layer) if isinstance(layer, Mapping) else {name: layer for name in conditions}
+    missing = sorted(set(conditions) - set(layers))
+    if missing:
+        raise KeyError(f"no layer for conditions {missing}; layers given for {sorted(layers)}")
     tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (vectors, routes) in conditions.items():
         if len(routes) != len(texts):
             raise ValueError(f"condition {name!r} has {len(routes)} routes for {len(texts)} texts")
-        names, table = _vector_table(vectors, layer, kind)
+        layers[name] = validate_layer(layers[name], hooked.n_layers)
+        hooked.hook_name(layers[name], kind)
+        names, table = _vector_table(vectors, layers[name], kind)
         _check_width(table, hooked.d_model)
         unknown = sorted({r.category for r in routes if r.strength != 0 and r.category not in names})
         if unknown:
@@ -475,7 +483,6 @@ def routed_token_probabilities(
         rows = torch.stack([table[names.index(r.category)] if r.strength != 0 else torch.zeros(table.shape[1])
                             for r in routes])  # fmt: skip
         tables[name] = (rows, torch.tensor([float(r.strength) for r in routes]))
-    hooked.hook_name(layer, kind)
     token_ids = torch.as_tensor(refusal_token_ids(hooked.tokenizer, category_set), dtype=torch.long, device=hooked.device)
     unsteered = torch.zeros(len(texts), len(token_ids))
     steered = {name: torch.zeros(len(texts), len(token_ids)) for name in conditions}
@@ -502,7 +509,7 @@ def routed_token_probabilities(
                 if not strengths[index].any():
                     steered[name][index] = unsteered[index]
                     continue
-                with steer(hooked, layer, rows[index], strengths[index], kind):
+                with steer(hooked, layers[name], rows[index], strengths[index], kind):
                     steered[name][index] = last_token(encoded, cache)
     return unsteered, steered
 

@@ -637,6 +637,9 @@ def test_routing_cached_features_steers_as_the_categorical_condition_does(tiny_m
     assert not torch.allclose(steered["binary"], unsteered), "steering should move the refusal tokens"
     with pytest.raises(ValueError, match="has 1 routes for"):
         routed_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, {"x": (vectors, routes["binary"][:1])}, 1)
+    with pytest.raises(KeyError, match=r"no layer for conditions \['graded'\]"):
+        routed_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES,
+                                   {policy: (vectors, routes[policy]) for policy in policies}, {"binary": 1, "abstain": 1})
 
 
 def test_data_curve_summary_reads_the_targets_of_each_point() -> None:

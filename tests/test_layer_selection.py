@@ -91,6 +91,25 @@ def test_sweep_returns_every_entry_and_matches_the_brute_force_reference(hooked)
     assert len({round(value[0], 4) for value in scores.values()}) > 5  # the triples really differ
 
 
+def test_steering_every_prompt_position_runs_each_entry_in_full(hooked):
+    """Positions other than the last prompt one cannot share the prefix pass; the reference steers each prompt alone."""
+    harmful, benign = tiny_texts(hooked, HARMFUL), tiny_texts(hooked, BENIGN)
+    vectors = _vectors(hooked, 2)
+    table = sweep_layers(hooked, harmful, benign, CATEGORIES, [2], [0.3], [0.45], {2: vectors}, positions="prompt",
+                         batch_size=2, progress=False)  # fmt: skip
+    guessed = [CATEGORIES.categories[int(i)] for i in
+               torch.stack([_single_probabilities(hooked, t) for t in harmful + benign])[:, :-1].argmax(dim=-1)]
+    for entry in table:
+        rows = []
+        for text, category in zip(harmful + benign, guessed):
+            with steering.steer(hooked, 2, vectors[category], entry["strength"], positions="prompt"):
+                rows.append(_single_probabilities(hooked, text))
+        probabilities = torch.stack(rows)
+        # Batched (left-padded) against one prompt at a time: another kernel path.
+        assert entry["harmful_refusal"] == pytest.approx(float(probabilities[:2, :-1].sum(dim=-1).mean()), abs=1e-5)
+        assert entry["benign_respond"] == pytest.approx(float(probabilities[2:, -1].mean()), abs=1e-6)
+
+
 def test_vectors_from_a_callable_and_clear_errors(hooked):
     harmful, benign = tiny_texts(hooked, HARMFUL), tiny_texts(hooked, BENIGN)
     from_callable = sweep_layers(hooked, harmful, benign, CATEGORIES, [1], [0.1], [0.2], lambda layer: _vectors(hooked, layer),
