@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from scripts.hooked_model import HOOK_KINDS, HookedModel, validate_layer
-from scripts.model import format_chat, length_sorted_batches
+from scripts.model import MAX_BATCH_TOKENS, format_chat, length_sorted_batches
 from scripts.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def _run_batches(
 
     hooks = [(hooked.hook_name(layer, hook_kind), functools.partial(store, layer=layer)) for layer in layers]
     device = hooked.device
-    batches = length_sorted_batches([len(ids) for ids in token_ids], batch_size)
+    batches = length_sorted_batches([len(ids) for ids in token_ids], batch_size, MAX_BATCH_TOKENS)
     with torch.no_grad(), hooked.hooks(hooks):
         for batch in tqdm(batches, desc=desc, disable=not progress):
             input_ids, attention_mask = pad_batch([token_ids[index] for index in batch], pad_id, side)

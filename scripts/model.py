@@ -234,12 +234,33 @@ def template_takes_system_role(tokenizer) -> bool:
     return True
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Group indices into batches of similar length (longest first) so little compute goes on padding."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+MAX_BATCH_TOKENS = 4096
+"""Padded tokens per batch at most in the library's forward passes, generation and caching: prompts of a
+few hundred tokens (BBQ contexts) go in smaller batches than short ones, whose padded attention in a batch
+of 64 costs more than the batch saves; short prompts keep the full batch."""
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Group indices into batches of similar length (longest first) so little compute goes on padding.
+
+    Args:
+        batch_size: Rows per batch at most.
+        max_tokens: Padded tokens (rows × longest row) per batch at most; ``None`` caps rows only. A batch
+            holds at least one row, however long: the cap keeps long prompts in small batches, where
+            the padded attention of a large batch would cost more than the rows it saves.
+    """
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        current = batches[-1] if batches else None
+        # Rows come longest first, so a batch's padded size is its first row's length times its rows.
+        fits = max_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_tokens if current else False
+        if current and len(current) < batch_size and fits:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def stop_token_ids(tokenizer, extra_stop_tokens: Sequence[str] = ()) -> list[int]:
@@ -290,7 +311,8 @@ def generate_ids(
     if seed is not None:
         torch.manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in texts]
-    for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="generate", disable=not progress):
+    batches = length_sorted_batches(lengths, batch_size, MAX_BATCH_TOKENS)
+    for batch in tqdm(batches, desc="generate", disable=not progress):
         encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         encoded = encoded.to(device)
         context = batch_hook(batch) if batch_hook is not None else contextlib.nullcontext()

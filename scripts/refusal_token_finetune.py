@@ -52,6 +52,7 @@ from scripts.model import (
     SMOLLM2_ALIAS,
     format_chat,
     generate_ids,
+    length_sorted_batches,
     load_model,
     prepare_tokenizer,
     resolve_device,
@@ -720,25 +721,6 @@ def train(
 # ---------------------------------------------------------------------------------------------------
 
 
-def token_budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Length-sorted batches (longest first) of at most ``batch_size`` rows and ``max_tokens`` padded tokens.
-
-    A batch holds at least one row, however long; the token cap keeps a few long prompts from padding
-    a whole batch of short ones to their length.
-    """
-    if batch_size < 1 or max_tokens < 1:
-        raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
-    batches: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        current = batches[-1] if batches else None
-        # Rows come longest first, so a batch's padded size is its first row's length times its rows.
-        if current and len(current) < batch_size and (len(current) + 1) * lengths[current[0]] <= max_tokens:
-            current.append(index)
-        else:
-            batches.append([index])
-    return batches
-
-
 @torch.no_grad()
 def first_token_ids(
     model,
@@ -765,7 +747,7 @@ def first_token_ids(
     lengths = [len(ids) for ids in encoded]
     pad = tokenizer.pad_token_id
     result = [0] * len(texts)
-    batches = token_budget_batches(lengths, batch_size, max_batch_tokens)
+    batches = length_sorted_batches(lengths, batch_size, max_batch_tokens)
     for batch in tqdm(batches, desc="first token", disable=not progress):
         width = max(lengths[i] for i in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)

@@ -40,7 +40,7 @@ from torch import nn
 
 from scripts.activation_caching import cache_activations, position_ids_from_mask
 from scripts.hooked_model import HookedModel, HookFunction, validate_layer
-from scripts.model import BatchHookFactory, length_sorted_batches, prepare_tokenizer, resolve_device
+from scripts.model import MAX_BATCH_TOKENS, BatchHookFactory, length_sorted_batches, prepare_tokenizer, resolve_device
 from scripts.refusal_tokens import CategorySet
 
 if TYPE_CHECKING:
@@ -360,7 +360,8 @@ def last_position_forward(
         captured.append(activation[:, -1, :].detach().float().cpu())
 
     with torch.no_grad():
-        for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="forward", disable=not progress):
+        batches = length_sorted_batches(lengths, batch_size, MAX_BATCH_TOKENS)
+        for batch in tqdm(batches, desc="forward", disable=not progress):
             encoded = encode_texts(hooked.tokenizer, [texts[i] for i in batch], hooked.device)
             captured.clear()
             steering = batch_hook(batch) if batch_hook is not None else contextlib.nullcontext()
@@ -498,7 +499,8 @@ def routed_token_probabilities(
         return torch.softmax(logits.float(), dim=-1)[:, token_ids].cpu()
 
     with torch.no_grad():
-        for batch in tqdm(length_sorted_batches(lengths, batch_size), desc="steered first token", disable=not progress):
+        batches = length_sorted_batches(lengths, batch_size, MAX_BATCH_TOKENS)
+        for batch in tqdm(batches, desc="steered first token", disable=not progress):
             encoded = encode_texts(hooked.tokenizer, [texts[i] for i in batch], hooked.device)
             cache = hooked.model(input_ids=encoded["input_ids"][:, :-1], attention_mask=encoded["attention_mask"][:, :-1],
                                  position_ids=encoded["position_ids"][:, :-1], use_cache=True,

@@ -43,6 +43,18 @@ def test_length_sorted_batches_cover_all_indices_longest_first():
         length_sorted_batches(lengths, 0)
 
 
+def test_length_sorted_batches_cap_rows_and_padded_tokens():
+    lengths = [300, 10, 12, 11, 250, 9, 13, 40]
+    batches = length_sorted_batches(lengths, batch_size=3, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 100
+    assert [300] in [[lengths[i] for i in b] for b in batches]  # a row longer than the budget still runs, alone
+    with pytest.raises(ValueError, match="max_tokens"):
+        length_sorted_batches(lengths, batch_size=3, max_tokens=0)
+
+
 def test_batched_generation_returns_new_tokens_in_input_order(tiny_model):
     model, tokenizer = tiny_model
     texts = format_chat(tokenizer, PROMPTS)

@@ -35,7 +35,6 @@ from scripts.refusal_token_finetune import (
     refusal_text,
     select_offline_data,
     shared_prefix_length,
-    token_budget_batches,
     train,
     frozen_lower_layers,
     training_fingerprint,
@@ -412,18 +411,6 @@ def test_shared_prefix_length_stops_at_the_first_difference_and_keeps_a_position
     assert shared_prefix_length(ids) == 2
     assert shared_prefix_length(torch.tensor([[3, 4, 5], [3, 4, 5]])) == 2  # identical rows: one position left to run
     assert shared_prefix_length(torch.tensor([[3, 4], [4, 4]])) == 0
-
-
-def test_token_budget_batches_cap_rows_and_padded_tokens():
-    lengths = [300, 10, 12, 11, 250, 9, 13, 40]
-    batches = token_budget_batches(lengths, batch_size=3, max_tokens=100)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        assert len(batch) <= 3
-        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 100
-    assert [300] in [[lengths[i] for i in b] for b in batches]  # a row longer than the budget still runs, alone
-    with pytest.raises(ValueError, match="max_tokens"):
-        token_budget_batches(lengths, batch_size=3, max_tokens=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
