@@ -222,7 +222,7 @@ def generalization_table(generalization: Mapping[str, Any]) -> str:
             _rate_cell(steered),
         ])  # fmt: skip
     header = ["held-out source", "label", "fine-tune saw it", f"{router} AUC [95% CI]", "token AUC",
-              f"{steering} AUC", "routed toward refusal", "base rate", "probe-routed rate"]
+              f"{steering} AUC", "routed toward refusal", "base rate", "probe-routed rate (binary policy)"]
     means = ", ".join(f"`{name}` {value:.3f}" for name, value in generalization["router_mean_auc"].items())
     return _markdown_table(header, rows) + f"\n\nMean held-out AUC: {means}."
 
