@@ -137,7 +137,6 @@ def sweep_layers(
         objective: ``(weight_harmful·harmful_refusal + weight_benign·benign_respond) / 2``.
         :func:`best_strengths` makes the choice.
     """
-    from tqdm.auto import tqdm
 
     if not harmful_texts or not benign_texts:
         raise ValueError("the sweep needs harmful and benign texts")
