@@ -49,7 +49,7 @@ def test_notebook_runs_end_to_end_in_fast_configuration(tmp_path):
         "n_train_per_category", "n_eval_overrefusal")} == {
         "layer": "auto", "candidate_layers": [9, 15], "sweep_positive_strengths": [4.0, 16.0],
         "sweep_negative_strengths": [6.0], "routing": "probe+token", "probe_threshold_method": "fpr",
-        "category_set_name": "donotanswer", "system_prompt": None, "batch_size": 16,
+        "category_set_name": "donotanswer", "system_prompt": None, "batch_size": 64,
         "judge": summary["judge"],  # "auto" resolved to the judge that judged
         "fast": True, "n_train_per_category": 8, "n_eval_overrefusal": 10}
     png = (run_dir / "refusal_tradeoff.png").read_bytes()
