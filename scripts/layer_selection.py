@@ -137,7 +137,6 @@ def sweep_layers(
         objective: ``(weight_harmful·harmful_refusal + weight_benign·benign_respond) / 2``.
         :func:`best_strengths` makes the choice.
     """
-
     if not harmful_texts or not benign_texts:
         raise ValueError("the sweep needs harmful and benign texts")
     for what, magnitudes in (("positive_strengths", positive_strengths), ("negative_strengths", negative_strengths)):
@@ -157,11 +156,10 @@ def sweep_layers(
     weights = {"positive": (router_tpr, router_fpr), "negative": (1.0 - router_tpr, 1.0 - router_fpr)}
     sides = [("positive", float(s)) for s in positive_strengths] + [("negative", -float(s)) for s in negative_strengths]
     entries = [(layer, requested, side, strength) for layer, requested in zip(resolved, layers) for side, strength in sides]
-    steered = _steered_probabilities(hooked, texts, category_set, entries, vectors, categories, kind, positions,
-                                     batch_size, progress)  # fmt: skip
+    steered = _steered_probabilities(hooked, texts, category_set, entries, vectors, categories, unsteered, kind,
+                                     positions, batch_size, progress)  # fmt: skip
     table = []
     for (layer, requested, side, strength), probabilities in zip(entries, steered):
-        probabilities = unsteered if strength == 0 else probabilities
         harmful, benign = probabilities[:n_harmful], probabilities[n_harmful:]
         entry = {
             "layer": layer,
@@ -190,13 +188,14 @@ def _steered_probabilities(
     entries: Sequence[tuple[int, int, str, float]],
     vectors: VectorsByLayer,
     categories: Sequence[int],
+    unsteered: torch.Tensor,
     kind: str,
     positions: str,
     batch_size: int,
     progress: bool,
 ) -> list[torch.Tensor]:
     """``[N, C + 1]`` first-token probabilities of ``texts`` under each ``(layer, requested, side, strength)``
-    entry, every row steered along its category's vector.
+    entry, every row steered along its category's vector; a strength-0 entry is ``unsteered`` itself.
 
     Steering only the last prompt position (the first generated one is never reached) touches nothing
     before it, so every entry shares one unsteered prefix pass per batch
@@ -209,6 +208,9 @@ def _steered_probabilities(
         results = []
         for (layer, _, _, strength), table in tqdm(list(zip(entries, stacked)), desc="layer sweep",
                                                    disable=not progress):  # fmt: skip
+            if strength == 0:
+                results.append(unsteered)
+                continue
             hook = per_row_batch_hook(hooked, layer, table[list(categories)], torch.full((len(texts),), strength),
                                       kind, positions)  # fmt: skip
             results.append(refusal_token_probabilities(hooked, texts, category_set, hook, batch_size=batch_size))
@@ -221,7 +223,7 @@ def _steered_probabilities(
         layers[str(index)] = layer
     _, steered = routed_token_probabilities(hooked, texts, category_set, conditions, layers, kind,
                                             batch_size=batch_size, progress=progress)  # fmt: skip
-    return [steered[str(index)] for index in range(len(entries))]
+    return [unsteered if entries[index][3] == 0 else steered[str(index)] for index in range(len(entries))]
 
 
 def best_strengths(table: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -255,8 +255,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: i
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         current = batches[-1] if batches else None
         # Rows come longest first, so a batch's padded size is its first row's length times its rows.
-        fits = max_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_tokens if current else False
-        if current and len(current) < batch_size and fits:
+        if current and len(current) < batch_size and (
+            max_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_tokens
+        ):
             current.append(index)
         else:
             batches.append([index])
