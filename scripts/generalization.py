@@ -1081,7 +1081,11 @@ def format_generalization_table(generalization: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class FoldSettings:
-    """What every fold's steering condition is built with (the main run's settings; :func:`fold_steering_condition`)."""
+    """What every fold's steering condition is built with (the main run's settings; :func:`fold_steering_condition`).
+
+    ``policy`` is the routing policy of the folds' generated steering and data curve; the policy table
+    (:func:`held_out_policy_table`) fits every policy it is given instead.
+    """
 
     category_set: CategorySet
     positive_strength: float
@@ -1093,10 +1097,15 @@ class FoldSettings:
     category_source: str = DEFAULT_CATEGORY_SOURCE
     template_hash: str = ""
     batch_size: int = 16
+    policy: str = "binary"
+
+    def router_kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments of :func:`fit_fold_routers`, which is given its policies apart."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "policy"}
 
     def condition_kwargs(self) -> dict[str, Any]:
         """The settings as keyword arguments of :func:`fold_steering_condition`."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {**self.router_kwargs(), "policy": self.policy}
 
 
 @dataclass(frozen=True)
@@ -1212,7 +1221,7 @@ def run_leave_one_source_out(
         probe_results, steering_results, model_counts=model_counts,
         steering_router=(probe_token_router_name if routing == "probe+token" else probe_router_name)(steering_layer),
         protocol={"held_out_sources": list(held_out_sources), "layers": all_layers, "steering_layer": steering_layer,
-                  "routing": routing, "pool_per_source_and_label": n_per_source,
+                  "routing": routing, "policy": settings.policy, "pool_per_source_and_label": n_per_source,
                   "generated_per_label": generation.max_per_label, "judge": generation.judge_name,
                   "seed": generation.seed},
     )  # fmt: skip
@@ -1268,7 +1277,8 @@ def look_alike_data_curve(
             conditions.append(fold_steering_condition(acts, records, shot_split, layer, routing, token_scores,
                                                       name=name, **settings.condition_kwargs()))  # fmt: skip
             decisions = conditions[-1].plan(hooked, own_prompts, own_texts).decisions
-            points[name] = {"routing": routing, "shots": n_shots, "val_shots": len(shot_split.val) - len(split.val),
+            points[name] = {"routing": routing, "policy": settings.policy, "shots": n_shots,
+                            "val_shots": len(shot_split.val) - len(split.val),
                             "routed_toward_refusal": float(np.mean([d["route"] == "harmful" for d in decisions])),
                             "routed_label": own_label, "n_routed": len(decisions)}  # fmt: skip
     rates = steering_generalization(
@@ -1354,7 +1364,7 @@ def held_out_policy_table(
             fold_rows[(seed, source)] = rows.tolist()
             vectors, routers = fit_fold_routers(
                 folds.steering_acts, folds.records, split, folds.steering_layer, routing, folds.token_scores, policies,
-                **settings.condition_kwargs(),
+                **settings.router_kwargs(),
             )  # fmt: skip
             for policy, router in routers.items():
                 fitted[(seed, source, policy)] = (

@@ -222,7 +222,8 @@ def generalization_table(generalization: Mapping[str, Any]) -> str:
             _rate_cell(steered),
         ])  # fmt: skip
     header = ["held-out source", "label", "fine-tune saw it", f"{router} AUC [95% CI]", "token AUC",
-              f"{steering} AUC", "routed toward refusal", "base rate", "probe-routed rate (binary policy)"]
+              f"{steering} AUC", "routed toward refusal", "base rate",
+              f"probe-routed rate ({generalization['protocol']['policy']} policy)"]
     means = ", ".join(f"`{name}` {value:.3f}" for name, value in generalization["router_mean_auc"].items())
     return _markdown_table(header, rows) + f"\n\nMean held-out AUC: {means}."
 
@@ -237,7 +238,9 @@ def data_curve_table(curve: Mapping[str, Any]) -> str:
                     + [_rate_cell(point["rates"].get(label, {})) for label in labels]
                     + ["–" if share is None else f"{share:.2f}"])
     header = ["routing", "shots k"] + [f"{label} refused [95% CI] (k/n)" for label in labels] + ["routed toward refusal"]
-    return f"Held-out source `{curve['source']}`.\n\n" + _markdown_table(header, rows)
+    policies = sorted({point["policy"] for point in curve["points"]})
+    return (f"Held-out source `{curve['source']}`; routing policy {', '.join(policies)}.\n\n"
+            + _markdown_table(header, rows))
 
 
 def policy_table_markdown(policy_table: Mapping[str, Any]) -> str:

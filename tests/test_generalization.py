@@ -585,6 +585,12 @@ def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(ti
         assert plan.metadata["router"]["router"] == routing
         assert plan.metadata["vector_sha256"] == tensor_fingerprint(vector_table)
     assert len({bool(flag) for flags in references.values() for flag in flags}) == 2, "both routes should occur"
+    graded = fold_steering_condition(acts, records, split, 1, "probe", token_scores, positive_strength=3.0,
+                                     negative_strength=-5.0, policy="graded")  # fmt: skip
+    plan = graded.plan(hooked, [r.prompt for r in split.test], test_texts)
+    assert plan.metadata["router"]["policy"]["name"] == "graded"
+    assert all(0.0 <= d["strength"] <= 3.0 if d["route"] == "harmful" else -5.0 <= d["strength"] <= 0.0
+               for d in plan.decisions)  # fmt: skip
     with pytest.raises(ValueError, match="unknown routing 'token'"):
         fold_steering_condition(acts, records, split, 1, "token", token_scores)
     with pytest.raises(ValueError, match="needs the token scores"):
@@ -735,9 +741,15 @@ def test_fold_settings_are_keyword_arguments_of_a_fold_condition() -> None:
 
     from scripts.generalization import FoldSettings
 
-    kwargs = FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0).condition_kwargs()
+    settings = FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0, policy="graded")
+    kwargs = settings.condition_kwargs()
     assert set(kwargs) <= set(inspect.signature(fold_steering_condition).parameters)
     assert (kwargs["positive_strength"], kwargs["negative_strength"], kwargs["threshold_method"]) == (3.0, -5.0, "fpr")
+    assert kwargs["policy"] == "graded"
+    # The policy table fits each of its policies; the settings' own policy is not passed to it.
+    router_kwargs = settings.router_kwargs()
+    assert set(router_kwargs) == set(kwargs) - {"policy"}
+    assert set(router_kwargs) <= set(inspect.signature(fit_fold_routers).parameters)
 
 
 @pytest.mark.slow
@@ -760,6 +772,7 @@ def test_leave_one_source_out_and_the_data_curve_run_end_to_end_on_the_tiny_mode
     summary = folds.summary
     assert list(summary["sources"]) == ["look", "adv"] and summary["steering_router"] == "probe_L2+token"
     assert summary["protocol"]["layers"] == [1, 2] and summary["protocol"]["judge"] == "phrase"
+    assert summary["protocol"]["policy"] == settings.policy == "binary"
     assert set(summary["sources"]["look"]["conditions"]) == {"base", "probe_routed_steering"}
     shots = [make(f"another edgy question {i}", "benign", CATEGORIES[i % 5], "look") for i in range(6)]
     curve = look_alike_data_curve(hooked, hooked.tokenizer, folds, pool + shots, "look", [0, 5], settings, generation,
@@ -768,6 +781,7 @@ def test_leave_one_source_out_and_the_data_curve_run_end_to_end_on_the_tiny_mode
         ("probe", 0, 0), ("probe+token", 0, 0), ("probe", 5, 1), ("probe+token", 5, 1)]
     n_look = sum(r.source == "look" and r.label == "benign" for r in folds.splits["look"].test)
     assert all((p["routed_label"], p["n_routed"]) == ("benign", n_look) for p in curve["points"])
+    assert {p["policy"] for p in curve["points"]} == {"binary"}
     assert all(p["rates"]["benign"]["n"] + p["rates"]["benign"]["n_errors"] == 2 for p in curve["points"])
 
     from scripts.generalization import held_out_policy_table

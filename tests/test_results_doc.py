@@ -143,3 +143,26 @@ def test_policy_table_rows_give_the_seed_range_and_the_widest_paired_interval():
 
     upper = paired_difference([False] * 60, [False] * 60)["ci"][1]
     assert f"60 benign prompts give a paired interval up to {upper:+.3f}" in rows[-1] and upper > 0.02
+
+
+def test_held_out_tables_name_the_routing_policy_their_steering_used():
+    from scripts.results_doc import data_curve_table, generalization_table
+
+    base, steered = _condition((0, 0), (12, 60))["benign"], _condition((0, 0), (9, 60))["benign"]
+    generalization = {
+        "best_probe_router": "probe_L3", "steering_router": "probe_L3+token", "router_mean_auc": {"probe_L3": 0.9},
+        "protocol": {"policy": "graded"},
+        "sources": {"look": {"label": "benign", "routing": {"probe_L3+token": {"benign_routed_benign": 0.75}},
+                             "probe_auc": {"probe_L3": {"auc": 0.81, "ci": [0.7, 0.9]}},
+                             "conditions": {"base": {"benign": base}, "probe_routed_steering": {"benign": steered}}}},
+    }  # fmt: skip
+    steered_cell = format_cell(steered["rate"], steered["ci"], steered["n"])
+    rows = generalization_table(generalization).splitlines()
+    assert rows[0].rstrip(" |").endswith("probe-routed rate (graded policy)")
+    assert "| 0.25 |" in rows[2] and steered_cell in rows[2]
+    curve = {"source": "look", "base": {"benign": base},
+             "points": [{"routing": "probe", "policy": "graded", "shots": 0, "rates": {"benign": steered},
+                         "routed_toward_refusal": 0.25}]}  # fmt: skip
+    text = data_curve_table(curve)
+    assert text.startswith("Held-out source `look`; routing policy graded.")
+    assert f"| probe | 0 | {steered_cell} | 0.25 |" in text
