@@ -277,7 +277,7 @@ class _Thresholded:
     @property
     def threshold(self) -> float:
         """The decision threshold as a harmful probability: ``sigmoid(threshold_logit)`` in float64."""
-        return _sigmoid(float(self.threshold_logit))
+        return float(torch.sigmoid(self.threshold_logit.detach().to(torch.float64)))
 
 
 class LinearProbe(_Thresholded, torch.nn.Module):
@@ -716,10 +716,6 @@ def _fill_threshold(buffer: torch.Tensor, threshold: float) -> None:
         raise ValueError(f"threshold must be finite, got {threshold}")
     with torch.no_grad():
         buffer.fill_(float(threshold))
-
-
-def _sigmoid(value: float) -> float:
-    return float(1.0 / (1.0 + np.exp(-value)))
 
 
 def _save_module(module: torch.nn.Module, config: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -110,6 +110,52 @@ def condition_table(summary: Mapping[str, Any]) -> str:
     return _markdown_table(header, rows)
 
 
+def _policy_conditions(summary: Mapping[str, Any]) -> dict[str, str]:
+    """Routing policy → the main-table condition steered with it (the run's own policy first)."""
+    run_policy = (summary.get("routing") or {}).get("policy", {}).get("name")
+    conditions = {run_policy: "probe_routed_steering"} if run_policy and "probe_routed_steering" in summary else {}
+    for name in summary.get("conditions", []):
+        if name.startswith("probe_routed_") and name != "probe_routed_steering" and name in summary:
+            conditions.setdefault(name.removeprefix("probe_routed_"), name)
+    return conditions
+
+
+def _verdict(value: bool | None, missing: str = "undecided") -> str:
+    return missing if value is None else ("yes" if value else "no")
+
+
+def tradeoff_statement(summary: Mapping[str, Any]) -> str:
+    """One paragraph: each routing policy's in-distribution paired differences and do-no-harm verdicts.
+
+    In-distribution figures are the main table's paired differences from the unsteered model; the
+    held-out verdict is the routing-policy table's (every held-out source and seed). Empty where the
+    summary has no paired differences or no probe-routed condition.
+    """
+    paired = summary.get("paired_vs_base") or {}
+    held_out = ((summary.get("generalization") or {}).get("policy_table") or {}).get("do_no_harm", {})
+    clauses, harmless = [], []
+    for policy, name in _policy_conditions(summary).items():
+        if name not in paired:
+            continue
+        in_distribution = do_no_harm(paired[name])
+        away = held_out.get(policy)
+        benign, harmful = paired[name].get("benign"), paired[name].get("harmful")
+        clauses.append(f"`{policy}` (`{name}`): over-refusal {format_paired(benign)}, harmful refusal "
+                       f"{format_paired(harmful)}; does no harm in the main table: {_verdict(in_distribution)}, on "
+                       f"every held-out source and seed: {_verdict(away, 'not measured')}")  # fmt: skip
+        if in_distribution and away:
+            harmless.append(((benign or {}).get("difference") or 0.0, policy))
+    if not clauses:
+        return ""
+    text = "Routing policies against the unsteered model on the same prompts: " + "; ".join(clauses) + "."
+    if harmless:
+        best = min(harmless)[1]
+        text += f" Of the policies that do no harm in both, `{best}` lowers over-refusal most in distribution."
+    else:
+        text += " No policy does no harm both in the main table and on every held-out source and seed."
+    return text
+
+
 def run_description(summary: Mapping[str, Any]) -> str:
     """One paragraph: model, build, layer, strengths, judge, probe AUC and machine of the run."""
     strengths = summary.get("strengths", {})
@@ -279,7 +325,7 @@ def policy_table_markdown(policy_table: Mapping[str, Any]) -> str:
 def readme_block(summary: Mapping[str, Any], timing: str = "") -> str:
     """The README's results block: the run description, the main table and the run's timing sentence."""
     table = condition_table(summary)
-    parts = [run_description(summary), table + _small_note(table), timing,
+    parts = [run_description(summary), table + _small_note(table), tradeoff_statement(summary), timing,
              "All tables of the run, with leave-one-source-out and the data curve: [docs/results.md](docs/results.md)."]
     return "\n\n".join(part for part in parts if part)
 
@@ -291,6 +337,9 @@ def results_page(summary: Mapping[str, Any], figures: Sequence[str] = (), timing
                 "nothing here is typed by hand.", run_description(summary)]
     sections += [timing] if timing else []
     sections += ["## Conditions", table + _small_note(table)]
+    statement = tradeoff_statement(summary)
+    if statement:
+        sections.append(statement)
     if "refusal_tradeoff.png" in figures:
         sections.append("![refusal vs over-refusal](refusal_tradeoff.png)")
     if "layer_sweep.png" in figures:

@@ -14,7 +14,9 @@ from scripts.results_doc import (
     SMALL_MARK,
     condition_table,
     format_cell,
+    format_paired,
     publish,
+    readme_block,
     replace_block,
     timing_description,
 )
@@ -166,3 +168,34 @@ def test_held_out_tables_name_the_routing_policy_their_steering_used():
     text = data_curve_table(curve)
     assert text.startswith("Held-out source `look`; routing policy graded.")
     assert f"| probe | 0 | {steered_cell} | 0.25 |" in text
+
+
+def test_the_tradeoff_names_the_policy_that_does_no_harm_in_both_places_and_lowers_over_refusal_most():
+    from scripts.report import paired_difference
+    from scripts.results_doc import tradeoff_statement
+
+    def pair(benign_down: int, harmful_down: int) -> dict:
+        # unsteered refuses all 60 of each label; steering turns the first few into answers
+        return {"benign": paired_difference([True] * 60, [False] * benign_down + [True] * (60 - benign_down)),
+                "harmful": paired_difference([True] * 60, [False] * harmful_down + [True] * (60 - harmful_down))}
+
+    summary = {
+        **_summary(), "conditions": ["base", "probe_routed_steering", "probe_routed_binary", "probe_routed_abstain"],
+        "probe_routed_binary": {}, "probe_routed_abstain": {}, "routing": {"policy": {"name": "graded"}},
+        # binary lowers over-refusal most but drops harmful refusal by 10 points; abstain beats graded in distribution
+        "paired_vs_base": {"probe_routed_steering": pair(3, 0), "probe_routed_binary": pair(12, 6),
+                           "probe_routed_abstain": pair(6, 0)},
+        "generalization": {"policy_table": {"do_no_harm": {"graded": True, "binary": False, "abstain": True}}},
+    }  # fmt: skip
+    text = tradeoff_statement(summary)
+    assert text.index("`graded` (`probe_routed_steering`)") < text.index("`binary`") < text.index("`abstain`")
+    assert f"over-refusal {format_paired(summary['paired_vs_base']['probe_routed_abstain']['benign'])}" in text
+    assert "does no harm in the main table: no, on every held-out source and seed: no" in text  # binary
+    assert text.endswith("`abstain` lowers over-refusal most in distribution.")
+    summary["generalization"]["policy_table"]["do_no_harm"]["abstain"] = False
+    assert tradeoff_statement(summary).endswith("`graded` lowers over-refusal most in distribution.")
+    del summary["generalization"]
+    text = tradeoff_statement(summary)
+    assert "held-out source and seed: not measured" in text and text.endswith("on every held-out source and seed.")
+    assert tradeoff_statement({k: v for k, v in summary.items() if k != "paired_vs_base"}) == ""
+    assert "Routing policies against the unsteered model" in readme_block(summary)
