@@ -386,24 +386,37 @@ def fit_fold_ensemble(
     return ensemble
 
 
+@dataclass(frozen=True)
+class FoldSettings:
+    """What every fold's vectors, probe and router are fitted with: the main run's settings.
+
+    ``policy`` is the routing policy of a fold's steering condition (:func:`fold_steering_condition`,
+    the generated leave-one-source-out cells and the data curve); the policy table
+    (:func:`held_out_policy_table`) fits every policy it is given instead.
+    """
+
+    category_set: CategorySet
+    positive_strength: float
+    negative_strength: float
+    threshold_method: str = "fpr"
+    hook_kind: str = "resid_post"
+    model: str = ""
+    vector_method: str = DEFAULT_VECTOR_METHOD
+    category_source: str = DEFAULT_CATEGORY_SOURCE
+    template_hash: str = ""
+    batch_size: int = 16
+    policy: str = "binary"
+
+
 def fit_fold_routers(
     acts: torch.Tensor,
     records: Sequence[PromptRecord],
     split: SourceSplit,
     layer: int,
-    routing: str = "probe+token",
-    token_scores: torch.Tensor | None = None,
-    policies: Sequence[str] = ("binary",),
-    category_set: CategorySet = DONOTANSWER_CATEGORIES,
-    positive_strength: float = PAPER_POSITIVE_STRENGTH,
-    negative_strength: float = PAPER_NEGATIVE_STRENGTH,
-    threshold_method: str = "fpr",
-    hook_kind: str = "resid_post",
-    model: str = "",
-    vector_method: str = DEFAULT_VECTOR_METHOD,
-    category_source: str = DEFAULT_CATEGORY_SOURCE,
-    template_hash: str = "",
-    batch_size: int = 16,
+    routing: str,
+    token_scores: torch.Tensor | None,
+    policies: Sequence[str],
+    settings: FoldSettings,
 ) -> tuple[SteeringVectors, dict[str, ProbeRouter]]:
     """One fold's category vectors and its router under each routing policy, fitted by the main run's stages.
 
@@ -418,7 +431,7 @@ def fit_fold_routers(
         routing: One of :data:`scripts.steering.ROUTINGS`.
         token_scores: ``[N]`` token scores of the same rows (:func:`scripts.steering.token_router_scores`);
             needed for ``probe+token``.
-        policies: Names of :data:`scripts.steering.ROUTING_POLICIES`.
+        policies: Names of :data:`scripts.steering.ROUTING_POLICIES` (``settings.policy`` is not used).
 
     Returns:
         ``(vectors, policy → router)``.
@@ -432,17 +445,18 @@ def fit_fold_routers(
         raise ValueError("routing 'probe+token' needs the token scores of the rows")
     index = _row_index(records)
     train_rows, val_rows = _rows(index, split.train, "training"), _rows(index, split.val, "validation")
-    vectors = fit_category_vectors(acts[train_rows], split.train, category_set, layer, vector_method, hook_kind,
-                                   model, template_hash)  # fmt: skip
+    vectors = fit_category_vectors(acts[train_rows], split.train, settings.category_set, layer, settings.vector_method,
+                                   settings.hook_kind, settings.model, settings.template_hash)  # fmt: skip
     metadata = {"held_out_source": split.source}
-    probe, _ = fit_routing_probe(acts[train_rows], split.train, acts[val_rows], split.val, category_set, layer,
-                                 hook_kind, threshold_method, metadata)  # fmt: skip
+    probe, _ = fit_routing_probe(acts[train_rows], split.train, acts[val_rows], split.val, settings.category_set, layer,
+                                 settings.hook_kind, settings.threshold_method, metadata)  # fmt: skip
     routers = {}
     for policy in policies:
         routers[policy], _, _ = fit_router(
-            routing, probe, category_set, positive_strength, negative_strength, category_source,
-            val_acts=acts[val_rows], val_token_scores=None if token_scores is None else token_scores[val_rows],
-            val_records=split.val, threshold_method=threshold_method, batch_size=batch_size, metadata=metadata,
+            routing, probe, settings.category_set, settings.positive_strength, settings.negative_strength,
+            settings.category_source, val_acts=acts[val_rows],
+            val_token_scores=None if token_scores is None else token_scores[val_rows], val_records=split.val,
+            threshold_method=settings.threshold_method, batch_size=settings.batch_size, metadata=metadata,
             policy=policy,
         )  # fmt: skip
     return vectors, routers
@@ -453,31 +467,19 @@ def fold_steering_condition(
     records: Sequence[PromptRecord],
     split: SourceSplit,
     layer: int,
-    routing: str = "probe+token",
-    token_scores: torch.Tensor | None = None,
-    category_set: CategorySet = DONOTANSWER_CATEGORIES,
-    positive_strength: float = PAPER_POSITIVE_STRENGTH,
-    negative_strength: float = PAPER_NEGATIVE_STRENGTH,
-    threshold_method: str = "fpr",
-    hook_kind: str = "resid_post",
-    model: str = "",
+    routing: str,
+    token_scores: torch.Tensor | None,
+    settings: FoldSettings,
     name: str = "probe_routed_steering",
-    vector_method: str = DEFAULT_VECTOR_METHOD,
-    category_source: str = DEFAULT_CATEGORY_SOURCE,
-    template_hash: str = "",
-    batch_size: int = 16,
-    policy: str = "binary",
 ) -> Condition:
-    """Probe-routed categorical steering of one fold under ``policy`` (:func:`fit_fold_routers`).
+    """Probe-routed categorical steering of one fold under ``settings.policy`` (:func:`fit_fold_routers`).
 
     Raises:
         ValueError: as :func:`fit_fold_routers`.
     """
-    vectors, routers = fit_fold_routers(
-        acts, records, split, layer, routing, token_scores, (policy,), category_set, positive_strength,
-        negative_strength, threshold_method, hook_kind, model, vector_method, category_source, template_hash, batch_size,
-    )  # fmt: skip
-    return categorical(vectors, routers[policy], layer, kind=hook_kind, name=name)
+    policies = (settings.policy,)
+    vectors, routers = fit_fold_routers(acts, records, split, layer, routing, token_scores, policies, settings)
+    return categorical(vectors, routers[settings.policy], layer, kind=settings.hook_kind, name=name)
 
 
 def probe_generalization(
@@ -1080,35 +1082,6 @@ def format_generalization_table(generalization: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class FoldSettings:
-    """What every fold's steering condition is built with (the main run's settings; :func:`fold_steering_condition`).
-
-    ``policy`` is the routing policy of the folds' generated steering and data curve; the policy table
-    (:func:`held_out_policy_table`) fits every policy it is given instead.
-    """
-
-    category_set: CategorySet
-    positive_strength: float
-    negative_strength: float
-    threshold_method: str = "fpr"
-    hook_kind: str = "resid_post"
-    model: str = ""
-    vector_method: str = DEFAULT_VECTOR_METHOD
-    category_source: str = DEFAULT_CATEGORY_SOURCE
-    template_hash: str = ""
-    batch_size: int = 16
-    policy: str = "binary"
-
-    def router_kwargs(self) -> dict[str, Any]:
-        """The settings as keyword arguments of :func:`fit_fold_routers`, which is given its policies apart."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "policy"}
-
-    def condition_kwargs(self) -> dict[str, Any]:
-        """The settings as keyword arguments of :func:`fold_steering_condition`."""
-        return {**self.router_kwargs(), "policy": self.policy}
-
-
-@dataclass(frozen=True)
 class GenerationSettings:
     """How held-out prompts are generated and judged (:func:`steering_generalization`).
 
@@ -1207,7 +1180,7 @@ def run_leave_one_source_out(
     steering_acts = acts.layer(steering_layer)
     conditions = {
         source: [baseline("base"), fold_steering_condition(steering_acts, records, split, steering_layer, routing,
-                                                           token_scores, **settings.condition_kwargs())]
+                                                           token_scores, settings)]
         for source, split in splits.items()
     }  # fmt: skip
     steering_results = steering_generalization(
@@ -1275,7 +1248,7 @@ def look_alike_data_curve(
         for routing in ROUTINGS:
             name = f"{routing}_shots{n_shots}"
             conditions.append(fold_steering_condition(acts, records, shot_split, layer, routing, token_scores,
-                                                      name=name, **settings.condition_kwargs()))  # fmt: skip
+                                                      settings, name=name))  # fmt: skip
             decisions = conditions[-1].plan(hooked, own_prompts, own_texts).decisions
             points[name] = {"routing": routing, "policy": settings.policy, "shots": n_shots,
                             "val_shots": len(shot_split.val) - len(split.val),
@@ -1362,10 +1335,8 @@ def held_out_policy_table(
         for source, split in splits.items():
             rows = _rows(index, split.test, "test")
             fold_rows[(seed, source)] = rows.tolist()
-            vectors, routers = fit_fold_routers(
-                folds.steering_acts, folds.records, split, folds.steering_layer, routing, folds.token_scores, policies,
-                **settings.router_kwargs(),
-            )  # fmt: skip
+            vectors, routers = fit_fold_routers(folds.steering_acts, folds.records, split, folds.steering_layer,
+                                                routing, folds.token_scores, policies, settings)  # fmt: skip
             for policy, router in routers.items():
                 fitted[(seed, source, policy)] = (
                     vectors, router.route_features(folds.steering_acts[rows], folds.token_probabilities[rows]))

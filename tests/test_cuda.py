@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from scripts.activation_caching import cache_activations
-from scripts.generalization import fold_steering_condition, held_out_source_splits
+from scripts.generalization import FoldSettings, fold_steering_condition, held_out_source_splits
 from scripts.layer_selection import best_strengths, sweep_layers
 from scripts.linear_probe import LinearProbe
 from scripts.low_rank_combination import fit_whitening, steering_basis
@@ -24,6 +24,8 @@ from scripts.model import format_chat, generate_ids
 from scripts.records import PromptRecord
 from scripts.refusal_tokens import DONOTANSWER_CATEGORIES as CATEGORIES
 from scripts.steering import (
+    PAPER_NEGATIVE_STRENGTH,
+    PAPER_POSITIVE_STRENGTH,
     ROUTINGS,
     per_row_batch_hook,
     probe_router,
@@ -164,7 +166,8 @@ def test_fold_steering_conditions_plan_alike(pair):
     test_prompts = [r.prompt for r in split.test]
     test_texts = format_chat(cpu.tokenizer, test_prompts)
     for routing in ROUTINGS:
-        condition = fold_steering_condition(acts, records, split, LAYER, routing, token_scores, CATEGORIES)
+        condition = fold_steering_condition(acts, records, split, LAYER, routing, token_scores,
+                                            FoldSettings(CATEGORIES, PAPER_POSITIVE_STRENGTH, PAPER_NEGATIVE_STRENGTH))
         plans = [condition.plan(hooked, test_prompts, test_texts) for hooked in (cpu, gpu)]
         keys = ("route", "routed_category", "strength")
         assert [[d[k] for k in keys] for d in plans[1].decisions] == [[d[k] for k in keys] for d in plans[0].decisions]

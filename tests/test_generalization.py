@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter
+from dataclasses import replace
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,7 @@ from scripts.data_splits import SPLIT_ROLE_EVAL_ONLY, SPLIT_ROLE_KEY, normalize_
 from scripts.generalization import (
     MULTI_LAYER_ROUTER,
     TOKEN_ROUTER,
+    FoldSettings,
     SourceSplit,
     add_source_shots,
     best_router,
@@ -575,9 +577,10 @@ def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(ti
     # The fold's vectors come from its training side only.
     vector_table = torch.stack(list(fit_category_vectors(acts[train_rows], split.train, DONOTANSWER_CATEGORIES,
                                                          1).vectors.values()))
+    settings = FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0)
     for routing, expected in references.items():
-        condition = fold_steering_condition(acts, records, split, 1, routing, token_scores, positive_strength=3.0,
-                                            negative_strength=-5.0, name=f"c_{routing}")
+        condition = fold_steering_condition(acts, records, split, 1, routing, token_scores, settings,
+                                            name=f"c_{routing}")
         plan = condition.plan(hooked, [r.prompt for r in split.test], test_texts)
         assert condition.name == f"c_{routing}"
         assert [d["route"] == "harmful" for d in plan.decisions] == expected.tolist()
@@ -585,16 +588,16 @@ def test_fold_steering_condition_routes_with_the_folds_own_probe_and_ensemble(ti
         assert plan.metadata["router"]["router"] == routing
         assert plan.metadata["vector_sha256"] == tensor_fingerprint(vector_table)
     assert len({bool(flag) for flags in references.values() for flag in flags}) == 2, "both routes should occur"
-    graded = fold_steering_condition(acts, records, split, 1, "probe", token_scores, positive_strength=3.0,
-                                     negative_strength=-5.0, policy="graded")  # fmt: skip
+    graded = fold_steering_condition(acts, records, split, 1, "probe", token_scores,
+                                     replace(settings, policy="graded"))  # fmt: skip
     plan = graded.plan(hooked, [r.prompt for r in split.test], test_texts)
     assert plan.metadata["router"]["policy"]["name"] == "graded"
     assert all(0.0 <= d["strength"] <= 3.0 if d["route"] == "harmful" else -5.0 <= d["strength"] <= 0.0
                for d in plan.decisions)  # fmt: skip
     with pytest.raises(ValueError, match="unknown routing 'token'"):
-        fold_steering_condition(acts, records, split, 1, "token", token_scores)
+        fold_steering_condition(acts, records, split, 1, "token", token_scores, settings)
     with pytest.raises(ValueError, match="needs the token scores"):
-        fold_steering_condition(acts, records, split, 1, "probe+token")
+        fold_steering_condition(acts, records, split, 1, "probe+token", None, settings)
 
 
 def test_first_token_refusals_and_do_no_harm_by_hand() -> None:
@@ -620,7 +623,7 @@ def test_routing_cached_features_steers_as_the_categorical_condition_does(tiny_m
     token_scores = token_router_scores(probabilities)
     policies = ["binary", "abstain", "graded"]
     vectors, routers = fit_fold_routers(acts, records, split, 1, "probe+token", token_scores, policies,
-                                        positive_strength=3.0, negative_strength=-5.0)  # fmt: skip
+                                        FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0))  # fmt: skip
     index = {r.id: i for i, r in enumerate(records)}
     rows = [index[r.id] for r in split.test]
     test_texts = [texts[i] for i in rows]
@@ -736,25 +739,9 @@ def test_model_training_counts_match_the_built_models_own_record_of_its_split() 
     assert counts["donotanswer"] == split["train_harmful_distinct"]
 
 
-def test_fold_settings_are_keyword_arguments_of_a_fold_condition() -> None:
-    import inspect
-
-    from scripts.generalization import FoldSettings
-
-    settings = FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0, policy="graded")
-    kwargs = settings.condition_kwargs()
-    assert set(kwargs) <= set(inspect.signature(fold_steering_condition).parameters)
-    assert (kwargs["positive_strength"], kwargs["negative_strength"], kwargs["threshold_method"]) == (3.0, -5.0, "fpr")
-    assert kwargs["policy"] == "graded"
-    # The policy table fits each of its policies; the settings' own policy is not passed to it.
-    router_kwargs = settings.router_kwargs()
-    assert set(router_kwargs) == set(kwargs) - {"policy"}
-    assert set(router_kwargs) <= set(inspect.signature(fit_fold_routers).parameters)
-
-
 @pytest.mark.slow
 def test_leave_one_source_out_and_the_data_curve_run_end_to_end_on_the_tiny_model(tmp_path, monkeypatch) -> None:
-    from scripts.generalization import FoldSettings, GenerationSettings, look_alike_data_curve, run_leave_one_source_out
+    from scripts.generalization import GenerationSettings, look_alike_data_curve, run_leave_one_source_out
     from scripts.paths import CACHE_ENV_VAR
     from tests.tiny_steering import build_hooked_tiny
 
@@ -795,7 +782,7 @@ def test_leave_one_source_out_and_the_data_curve_run_end_to_end_on_the_tiny_mode
     split = folds.splits["look"]
     test_texts = format_chat(hooked.tokenizer, [r.prompt for r in split.test])
     condition = fold_steering_condition(folds.steering_acts, folds.records, split, 2, "probe+token", folds.token_scores,
-                                        **settings.condition_kwargs())  # fmt: skip
+                                        settings)  # fmt: skip
     reference = refusal_token_probabilities(hooked, test_texts, DONOTANSWER_CATEGORIES, steering=condition,
                                             batch_size=16)  # fmt: skip
     steered = first_token_refusals(reference)

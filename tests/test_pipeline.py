@@ -11,7 +11,7 @@ import torch
 
 from scripts.activation_caching import cache_activations
 from scripts.data_splits import normalize_text
-from scripts.generalization import SourceSplit, fold_steering_condition
+from scripts.generalization import FoldSettings, SourceSplit, fold_steering_condition
 from scripts.model import format_chat
 from scripts.pipeline import (
     check_disjoint,
@@ -138,7 +138,7 @@ def test_a_fold_on_the_main_split_routes_exactly_as_the_main_router(fitted, rout
     vectors = fit_category_vectors(acts[:n], train, DONOTANSWER_CATEGORIES, 1)
     main = categorical(vectors, router, 1, name="main").plan(hooked, [r.prompt for r in test], test_texts)
     fold = fold_steering_condition(acts, train + val + test, SourceSplit("t", train, val, test), 1, routing, tokens,
-                                   positive_strength=3.0, negative_strength=-5.0, name="fold")
+                                   FoldSettings(DONOTANSWER_CATEGORIES, 3.0, -5.0), name="fold")
     planned = fold.plan(hooked, [r.prompt for r in test], test_texts)
     assert planned.decisions == main.decisions
     assert planned.metadata["vector_sha256"] == main.metadata["vector_sha256"]
