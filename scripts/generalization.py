@@ -47,7 +47,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from scripts.activation_caching import cache_activations
 from scripts.data_splits import leave_one_source_out, normalize_text, subsample_per_category, train_val_test_split
 from scripts.eval import run_condition
 from scripts.hooked_model import HookedModel
@@ -89,12 +88,11 @@ from scripts.steering import (
     Route,
     baseline,
     categorical,
-    refusal_token_probabilities,
     routed_token_probabilities,
     signed_routes,
     tensor_fingerprint,
+    token_probabilities_and_activations,
     token_router_scores,
-    unsteered_token_scores,
 )
 from scripts.steering_vectors import SteeringVectors
 from scripts.train_linear_probe import choose_threshold, train_multi_layer_probe, train_probe_token_ensemble
@@ -634,9 +632,8 @@ class MultiLayerProbeRouter:
         return self.category_set.categories
 
     def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
-        probabilities = refusal_token_probabilities(hooked, texts, self.category_set, batch_size=self.batch_size)
-        cached = cache_activations(hooked, texts, self.probe.layers, self.kind, batch_size=self.batch_size,
-                                   progress=False)  # fmt: skip
+        probabilities, cached = token_probabilities_and_activations(hooked, texts, self.category_set, self.probe.layers,
+                                                                    self.kind, batch_size=self.batch_size)  # fmt: skip
         scores = self.probe.predict_proba(cached.acts)
         harmful = self.probe.predict(cached.acts).bool()
         return signed_routes(self.categories, scores, harmful, probabilities[:, :-1], self.positive_strength,
@@ -1167,10 +1164,9 @@ def run_leave_one_source_out(
                                      seed=generation.seed, by=("source", "label")) + gen_contrast  # fmt: skip
     texts = _chat_texts(tokenizer, records, generation.system_prompt)
     all_layers = sorted(set(layers) | {steering_layer})
-    acts = cache_activations(hooked, texts, all_layers, hook_kind=settings.hook_kind, batch_size=settings.batch_size,
-                             cache=True, progress=True)  # fmt: skip
-    token_probabilities = refusal_token_probabilities(hooked, texts, settings.category_set, batch_size=settings.batch_size,
-                                                      progress=True)  # fmt: skip
+    token_probabilities, acts = token_probabilities_and_activations(
+        hooked, texts, settings.category_set, all_layers, settings.hook_kind, batch_size=settings.batch_size,
+        progress=True)  # fmt: skip
     token_scores = token_router_scores(token_probabilities)
     splits = held_out_source_splits(records, held_out_sources, seed=generation.seed, contrast=gen_contrast)
     probe_results = probe_generalization({layer: acts.layer(layer) for layer in all_layers}, records, splits,
@@ -1229,10 +1225,10 @@ def look_alike_data_curve(
     shot_acts, shot_token_scores = folds.steering_acts[:0], folds.token_scores[:0]
     if shot_pool:
         shot_texts = _chat_texts(tokenizer, shot_pool, generation.system_prompt)
-        shot_acts = cache_activations(hooked, shot_texts, [layer], hook_kind=settings.hook_kind,
-                                      batch_size=settings.batch_size, progress=True).layer(layer)  # fmt: skip
-        shot_token_scores = unsteered_token_scores(hooked, shot_texts, settings.category_set, settings.batch_size,
-                                                   progress=True)  # fmt: skip
+        shot_probabilities, shot_cached = token_probabilities_and_activations(
+            hooked, shot_texts, settings.category_set, [layer], settings.hook_kind, batch_size=settings.batch_size,
+            progress=True)  # fmt: skip
+        shot_acts, shot_token_scores = shot_cached.layer(layer), token_router_scores(shot_probabilities)
     records = folds.records + shot_pool
     acts = torch.cat([folds.steering_acts, shot_acts])
     token_scores = torch.cat([folds.token_scores, shot_token_scores])

@@ -29,6 +29,7 @@ thresholds, or one that scales the strength by a calibrated harmful probability.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Se
 import torch
 from torch import nn
 
-from scripts.activation_caching import cache_activations, position_ids_from_mask
+from scripts.activation_caching import CachedActivations, cache_activations, position_ids_from_mask, texts_hash
 from scripts.hooked_model import HookedModel, HookFunction, validate_layer
 from scripts.model import MAX_BATCH_TOKENS, BatchHookFactory, length_sorted_batches, prepare_tokenizer, resolve_device
 from scripts.refusal_tokens import CategorySet
@@ -328,11 +329,11 @@ def last_position_forward(
     hooked: HookedModel,
     texts: Sequence[str],
     token_ids: Sequence[int],
-    capture: str | None = None,
+    capture: Sequence[str] = (),
     batch_hook: BatchHookFactory | None = None,
     batch_size: int = 16,
     progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One batched, length-sorted forward pass over ``texts``, reading the last position.
 
     (Activations alone come cheaper from :func:`scripts.activation_caching.cache_activations`, which
@@ -340,38 +341,42 @@ def last_position_forward(
 
     Args:
         token_ids: Token ids whose next-token probabilities (softmax over the whole vocabulary) to return.
-        capture: Hook name whose last-position activation to return too (e.g. ``blocks.5.hook_resid_post``).
+        capture: Hook names whose last-position activations to return too (e.g. ``blocks.5.hook_resid_post``).
         batch_hook: Entered around each batch with its input indices (steering).
 
     Returns:
-        ``(probabilities [N, len(token_ids)], activations [N, d_model] or None)``, float32 on CPU, input order.
+        ``(probabilities [N, len(token_ids)], {hook name: activations [N, d_model]})``, float32 on CPU,
+        input order.
     """
     from tqdm.auto import tqdm
 
     if not texts:
         raise ValueError("no texts given")
+    if isinstance(capture, str):
+        raise TypeError("capture takes a sequence of hook names, not one string")
     lengths = [len(ids) for ids in hooked.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     probabilities = torch.zeros(len(texts), len(token_ids))
-    activations = torch.zeros(len(texts), hooked.d_model) if capture is not None else None
+    activations = {name: torch.zeros(len(texts), hooked.d_model) for name in capture}
     ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=hooked.device)
-    captured: list[torch.Tensor] = []
+    captured: dict[str, torch.Tensor] = {}
 
-    def capture_fn(activation: torch.Tensor, hook: object) -> None:
-        captured.append(activation[:, -1, :].detach().float().cpu())
+    def capture_fn(activation: torch.Tensor, hook: object, name: str) -> None:
+        captured[name] = activation[:, -1, :].detach().float().cpu()
 
+    readers = [(name, functools.partial(capture_fn, name=name)) for name in activations]
     with torch.no_grad():
         batches = length_sorted_batches(lengths, batch_size, MAX_BATCH_TOKENS)
         for batch in tqdm(batches, desc="forward", disable=not progress):
             encoded = encode_texts(hooked.tokenizer, [texts[i] for i in batch], hooked.device)
             captured.clear()
             steering = batch_hook(batch) if batch_hook is not None else contextlib.nullcontext()
-            reading = hooked.hooks([(capture, capture_fn)]) if capture is not None else contextlib.nullcontext()
+            reading = hooked.hooks(readers) if readers else contextlib.nullcontext()
             with steering, reading:
                 logits = next_token_logits(hooked.model, encoded)
             rows = torch.as_tensor(batch, dtype=torch.long)
             probabilities[rows] = torch.softmax(logits.float(), dim=-1)[:, ids].cpu()
-            if activations is not None:
-                activations[rows] = captured[-1]
+            for name, values in activations.items():
+                values[rows] = captured[name]
     return probabilities, activations
 
 
@@ -426,6 +431,41 @@ def refusal_token_probabilities(
         batch_size=batch_size, progress=progress,
     )
     return probabilities
+
+
+def token_probabilities_and_activations(
+    hooked: HookedModel,
+    texts: Sequence[str],
+    category_set: CategorySet,
+    layers: Sequence[int],
+    hook_kind: str = DEFAULT_KIND,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[torch.Tensor, CachedActivations]:
+    """:func:`refusal_token_probabilities` and the last-position activations at ``layers`` from one forward pass.
+
+    Cheaper than :func:`scripts.activation_caching.cache_activations` followed by
+    :func:`refusal_token_probabilities` when both are needed: the layers are read on the way to the logits.
+
+    Returns:
+        ``(probabilities [N, n_categories + 1], activations)``: the probabilities as
+        :func:`refusal_token_probabilities` gives them; ``activations.layer(layer)`` ``[N, d_model]``
+        float32 on CPU, position ``-1``.
+
+    Raises:
+        ValueError: no texts, or an invalid layer or hook kind.
+    """
+    resolved = sorted({validate_layer(layer, hooked.n_layers) for layer in layers})
+    if not resolved:
+        raise ValueError("no layers given")
+    names = {layer: hooked.hook_name(layer, hook_kind) for layer in resolved}
+    probabilities, captured = last_position_forward(
+        hooked, texts, refusal_token_ids(hooked.tokenizer, category_set), capture=list(names.values()),
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    activations = CachedActivations({layer: captured[name] for layer, name in names.items()}, hook_kind,
+                                    texts_hash(texts), position=-1)  # fmt: skip
+    return probabilities, activations
 
 
 def routed_token_probabilities(
@@ -852,10 +892,12 @@ class ProbeRouter:
     def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
         probabilities = None
         if self.category_source == "token" or self.reads_first_token:
-            probabilities, activations = last_position_forward(
-                hooked, texts, refusal_token_ids(hooked.tokenizer, self.category_set),
-                capture=hooked.hook_name(self.layer, self.kind), batch_size=self.batch_size,
+            hook = hooked.hook_name(self.layer, self.kind)
+            probabilities, captured = last_position_forward(
+                hooked, texts, refusal_token_ids(hooked.tokenizer, self.category_set), capture=[hook],
+                batch_size=self.batch_size,
             )
+            activations = captured[hook]
         else:
             cached = cache_activations(hooked, texts, self.layer, self.kind, batch_size=self.batch_size, progress=False)
             activations = cached.layer(cached.layers[0])

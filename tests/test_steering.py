@@ -169,6 +169,25 @@ def test_refusal_token_probabilities_under_a_condition_equal_direct_steering(hoo
     assert not torch.allclose(direct, steering.refusal_token_probabilities(hooked, texts, CATEGORIES))
 
 
+def test_one_pass_gives_the_token_probabilities_and_the_activations_of_the_separate_passes(hooked, texts):
+    from scripts.activation_caching import cache_activations, texts_hash
+
+    layers = [0, LAYER, -1]
+    probabilities, acts = steering.token_probabilities_and_activations(hooked, texts, CATEGORIES, layers, batch_size=2)
+    # Reading hooks do not change the pass: the same batches give the same probabilities, bit for bit.
+    assert torch.equal(probabilities, steering.refusal_token_probabilities(hooked, texts, CATEGORIES, batch_size=2))
+    assert acts.layers == [0, LAYER, hooked.n_layers - 1] and acts.position == -1
+    assert acts.texts_hash == texts_hash(texts) and acts.hook_kind == "resid_post"
+    separate = cache_activations(hooked, texts, layers, batch_size=2, progress=False)
+    for layer in acts.layers:
+        # The truncated pass pads and batches on its own: equal up to float32 kernel differences.
+        torch.testing.assert_close(acts.layer(layer), separate.layer(layer), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="sequence of hook names"):
+        steering.last_position_forward(hooked, texts, [0], capture=hooked.hook_name(0))
+    with pytest.raises(ValueError, match="no layers"):
+        steering.token_probabilities_and_activations(hooked, texts, CATEGORIES, [])
+
+
 def test_token_router_follows_the_models_first_token(hooked, texts):
     category = CATEGORIES.categories[3]
     last = hooked.n_layers - 1
