@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from scripts.report import do_no_harm, paired_difference
+from scripts.report import DO_NO_HARM_MAX_OVER_REFUSAL_RISE, do_no_harm, paired_difference
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,10 @@ def tradeoff_statement(summary: Mapping[str, Any]) -> str:
         text += f" Of the policies that do no harm in both, `{best}` lowers over-refusal most in distribution."
     else:
         text += " No policy does no harm both in the main table and on every held-out source and seed."
+    benign_n = [paired[name]["benign"]["n"] for name in _policy_conditions(summary).values()
+                if paired.get(name, {}).get("benign", {}).get("n")]  # fmt: skip
+    if benign_n:
+        text += " In the main table, even " + certifiable_note(min(benign_n))
     return text
 
 
@@ -314,12 +318,19 @@ def policy_table_markdown(policy_table: Mapping[str, Any]) -> str:
                 if entry["unsteered"].get("benign", {}).get("n")]  # fmt: skip
     bound = policy_table["protocol"].get("max_over_refusal_rise")
     if benign_n and bound is not None:
-        n = min(benign_n)
-        upper = paired_difference([False] * n, [False] * n)["ci"][1]
-        needed = next(m for m in range(n, 100 * n) if paired_difference([False] * m, [False] * m)["ci"][1] <= bound)
-        text += (f" Even with no verdict changed, {n} benign prompts give a paired interval up to {upper:+.3f}; "
-                 f"an upper end of {bound:+.2f} or less needs at least {needed} prompts with none changed.")
+        text += " Even " + certifiable_note(min(benign_n), bound)
     return text
+
+
+def certifiable_note(n: int, bound: float = DO_NO_HARM_MAX_OVER_REFUSAL_RISE) -> str:
+    """What ``n`` paired benign prompts can certify: ``with no verdict changed, ...``, a clause to open a sentence with.
+
+    It gives the paired interval's upper end when no verdict changes, and the fewest prompts that bring it to ``bound``.
+    """
+    upper = paired_difference([False] * n, [False] * n)["ci"][1]
+    needed = next(m for m in range(n, 100 * n) if paired_difference([False] * m, [False] * m)["ci"][1] <= bound)
+    return (f"with no verdict changed, {n} benign prompts give a paired interval up to {upper:+.3f}; "
+            f"an upper end of {bound:+.2f} or less needs at least {needed} prompts with none changed.")
 
 
 def readme_block(summary: Mapping[str, Any], timing: str = "") -> str:

@@ -191,11 +191,13 @@ def test_the_tradeoff_names_the_policy_that_does_no_harm_in_both_places_and_lowe
     assert text.index("`graded` (`probe_routed_steering`)") < text.index("`binary`") < text.index("`abstain`")
     assert f"over-refusal {format_paired(summary['paired_vs_base']['probe_routed_abstain']['benign'])}" in text
     assert "does no harm in the main table: no, on every held-out source and seed: no" in text  # binary
-    assert text.endswith("`abstain` lowers over-refusal most in distribution.")
+    assert "`abstain` lowers over-refusal most in distribution. In the main table, even with no verdict changed, " \
+           "60 benign prompts give a paired interval up to +0.060" in text
     summary["generalization"]["policy_table"]["do_no_harm"]["abstain"] = False
-    assert tradeoff_statement(summary).endswith("`graded` lowers over-refusal most in distribution.")
+    assert "`graded` lowers over-refusal most in distribution." in tradeoff_statement(summary)
     del summary["generalization"]
     text = tradeoff_statement(summary)
-    assert "held-out source and seed: not measured" in text and text.endswith("on every held-out source and seed.")
+    assert "held-out source and seed: not measured" in text
+    assert "No policy does no harm both in the main table and on every held-out source and seed." in text
     assert tradeoff_statement({k: v for k, v in summary.items() if k != "paired_vs_base"}) == ""
     assert "Routing policies against the unsteered model" in readme_block(summary)
