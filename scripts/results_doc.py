@@ -133,8 +133,9 @@ def tradeoff_statement(summary: Mapping[str, Any]) -> str:
     """
     paired = summary.get("paired_vs_base") or {}
     held_out = ((summary.get("generalization") or {}).get("policy_table") or {}).get("do_no_harm", {})
+    policy_conditions = _policy_conditions(summary)
     clauses, harmless = [], []
-    for policy, name in _policy_conditions(summary).items():
+    for policy, name in policy_conditions.items():
         if name not in paired:
             continue
         in_distribution = do_no_harm(paired[name])
@@ -153,7 +154,7 @@ def tradeoff_statement(summary: Mapping[str, Any]) -> str:
         text += f" Of the policies that do no harm in both, `{best}` lowers over-refusal most in distribution."
     else:
         text += " No policy does no harm both in the main table and on every held-out source and seed."
-    benign_n = [paired[name]["benign"]["n"] for name in _policy_conditions(summary).values()
+    benign_n = [paired[name]["benign"]["n"] for name in policy_conditions.values()
                 if paired.get(name, {}).get("benign", {}).get("n")]  # fmt: skip
     if benign_n:
         text += " In the main table, even " + certifiable_note(min(benign_n))

@@ -892,15 +892,11 @@ class ProbeRouter:
     def route(self, hooked: HookedModel, texts: Sequence[str]) -> list[Route]:
         probabilities = None
         if self.category_source == "token" or self.reads_first_token:
-            hook = hooked.hook_name(self.layer, self.kind)
-            probabilities, captured = last_position_forward(
-                hooked, texts, refusal_token_ids(hooked.tokenizer, self.category_set), capture=[hook],
-                batch_size=self.batch_size,
-            )
-            activations = captured[hook]
+            probabilities, cached = token_probabilities_and_activations(hooked, texts, self.category_set, [self.layer],
+                                                                        self.kind, batch_size=self.batch_size)  # fmt: skip
         else:
             cached = cache_activations(hooked, texts, self.layer, self.kind, batch_size=self.batch_size, progress=False)
-            activations = cached.layer(cached.layers[0])
+        activations = cached.layer(cached.layers[0])
         return self.route_features(activations, probabilities)
 
     def route_features(self, activations: torch.Tensor, probabilities: torch.Tensor | None) -> list[Route]:
