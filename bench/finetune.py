@@ -4,8 +4,8 @@ Both sides train SmolLM2-135M-Instruct (refusal tokens added) on the same SFT ex
 the offline corpus, with the same batch size, from the same initial weights:
 
 * ours — :func:`scripts.refusal_token_finetune.epoch_batches` (length-bucketed batches),
-  :func:`~scripts.refusal_token_finetune.assistant_loss` (no attention mask, the batch's shared
-  prefix run once, output head only at labelled positions) in the precision ``--precision``
+  :func:`~scripts.refusal_token_finetune.assistant_loss` (the batch packed into one sequence
+  without padding, its shared prefix once, output head only at labelled positions) in the precision ``--precision``
   resolves to (:func:`scripts.precision.resolve_precision`: bfloat16 autocast only where the CPU
   computes it natively), the lower layers frozen where ``--frozen-layer-fraction`` asks
   (:func:`~scripts.refusal_token_finetune.frozen_lower_layers`), gradient clipping and the fused
@@ -57,6 +57,7 @@ from scripts.refusal_token_finetune import (
     fit_prompt,
     frozen_lower_layers,
     make_optimizer,
+    pack_batch,
     prepare_refusal_model,
     select_offline_data,
 )
@@ -86,26 +87,31 @@ def evaluation_prompts(data: OfflineData) -> list[str]:
 
 
 def time_steps(
-    step: Callable[[list[SFTExample]], None], examples: Sequence[SFTExample], batches: Sequence[Sequence[int]]
+    step: Callable[[list[SFTExample]], None],
+    examples: Sequence[SFTExample],
+    batches: Sequence[Sequence[int]],
+    tokens_run: Callable[[list[SFTExample]], int],
 ) -> tuple[float, float, int]:
-    """Wall and CPU seconds per step over ``batches`` (after one untimed warm-up step) and the padded tokens they held.
+    """Wall and CPU seconds per step over ``batches`` (after one untimed warm-up step) and the tokens the steps ran.
+
+    ``tokens_run(rows)`` counts the tokens a step puts through the model for ``rows`` (padding included).
 
     With one thread, CPU seconds are what the step costs on a quiet core; on a shared CPU the wall
     time also holds the waits for other jobs.
     """
     step([examples[i] for i in batches[0]])
     began, began_cpu = time.perf_counter(), time.process_time()
-    padded = 0
+    tokens = 0
     for batch in batches[1:]:
         rows = [examples[i] for i in batch]
-        padded += len(rows) * max(len(row.input_ids) for row in rows)
+        tokens += tokens_run(rows)
         step(rows)
     steps = max(1, len(batches) - 1)
-    return (time.perf_counter() - began) / steps, (time.process_time() - began_cpu) / steps, padded
+    return (time.perf_counter() - began) / steps, (time.process_time() - began_cpu) / steps, tokens
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Time both step kinds and the evaluation; log s/step, padded tokens and the projected build time."""
+    """Time both step kinds and the evaluation; log s/step, the tokens run and the projected build time."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per side (plus one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -148,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         lengths = [len(example.input_ids) for example in examples]
         ours_batches = epoch_batches(lengths, config.batch_size, config.seed, 0)[: args.steps + 1]
-        ours_s, ours_cpu, ours_tokens = time_steps(ours, examples, ours_batches)
+        def packed_tokens(rows: list[SFTExample]) -> int:
+            return int(pack_batch(*collate(rows, pad)).input_ids.shape[1])
+
+        ours_s, ours_cpu, ours_tokens = time_steps(ours, examples, ours_batches, packed_tokens)
 
     model.load_state_dict(initial)
     baseline_optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
@@ -164,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     order = list(range(len(examples)))
     random.Random(config.seed).shuffle(order)
     baseline_batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)][: args.steps + 1]
-    baseline_s, baseline_cpu, baseline_tokens = time_steps(baseline, examples, baseline_batches)
+    baseline_s, baseline_cpu, baseline_tokens = time_steps(
+        baseline, examples, baseline_batches, lambda rows: len(rows) * max(len(row.input_ids) for row in rows)
+    )
 
     model.eval()
     prompts = evaluation_prompts(data)
@@ -186,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("baseline", "float32", baseline_s, baseline_cpu, baseline_tokens),
     )
     for name, dtype, seconds, cpu_seconds, tokens in rows:
-        logger.info("%-8s %-8s %.2f s/step (CPU %.2f s/step), %d padded tokens in %d timed steps, projected %.1f min "
+        logger.info("%-8s %-8s %.2f s/step (CPU %.2f s/step), %d tokens run in %d timed steps, projected %.1f min "
                     "for the schedule", name, dtype, seconds, cpu_seconds, tokens, args.steps,
                     seconds * schedule_steps / 60)  # fmt: skip
     logger.info("projected build (training + evaluation, benign answers cached): %.1f min (CPU %.1f min) on %s (%s)",

@@ -8,9 +8,9 @@ the assistant turn carries loss.
 
 Training is made fast on a CPU by short sequences (prompts truncated to fit ``max_length``,
 benign answers cut to ``max_answer_tokens``), length-bucketed batches in a seeded shuffled
-order, right padding without an attention mask (causal attention never looks at the padding
-after a sequence), the prefix every row of a batch shares (the chat template's system turn) run
-once per batch instead of once per row, logits computed only at the positions that carry loss, the
+order, each batch packed into one sequence without padding whose attention mask keeps every row
+to itself (:func:`pack_batch`), the prefix every row of a batch shares (the chat template's system
+turn) run once per batch instead of once per row, logits computed only at the positions that carry loss, the
 precision the device computes well (:mod:`scripts.precision`: bfloat16 autocast where it is native,
 float32 elsewhere) and the fused AdamW step. ``frozen_layer_fraction`` can also freeze the lowest decoder
 layers (:func:`frozen_lower_layers`: no backward pass below them and no optimizer state for them), which
@@ -509,15 +509,105 @@ def causal_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([head.last_hidden_state.expand(batch, -1, -1), rest], dim=1)
 
 
+@dataclass(frozen=True)
+class PackedBatch:
+    """A right-padded batch as one sequence: the shared prefix once, then each row's own tokens, no padding.
+
+    Attributes:
+        input_ids: ``[1, tokens]`` the prefix every row shares, then row after row the tokens that
+            follow it, up to the last one whose next token carries loss (later tokens and padding
+            never reach the loss, so they are left out).
+        position_ids: ``[1, tokens]`` each token's position in its own row.
+        segments: ``[tokens]`` ``-1`` on the shared prefix, else the row the token belongs to.
+        loss_positions: ``[labelled]`` packed index of the hidden state that predicts each target.
+        targets: ``[labelled]`` the labelled tokens, row by row in position order (the order of
+            ``labels[:, 1:][labels[:, 1:] != -100]``).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    loss_positions: torch.Tensor
+    targets: torch.Tensor
+
+
+def pack_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> PackedBatch:
+    """Pack a right-padded ``(input_ids, labels)`` batch (both ``[batch, seq]``) into a :class:`PackedBatch`.
+
+    Raises:
+        ValueError: no position of the batch carries loss.
+    """
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    rows, columns = labelled.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        raise ValueError("the batch has no labelled position")
+    # Row i needs its tokens 0..needed[i]-1: the hidden state at needed[i]-1 predicts its last labelled token.
+    needed = (labelled.long() * torch.arange(1, targets.shape[1] + 1, device=labels.device)).amax(dim=1).cpu()
+    prefix = min(shared_prefix_length(input_ids), int(needed[needed > 0].min()))
+    id_pieces, position_pieces, segment_pieces = [input_ids[0, :prefix]], [torch.arange(prefix)], [torch.full((prefix,), -1)]
+    starts = torch.zeros(input_ids.shape[0], dtype=torch.long)
+    offset = prefix
+    for row, count in enumerate(needed.tolist()):
+        own = max(count - prefix, 0)
+        starts[row] = offset - prefix
+        id_pieces.append(input_ids[row, prefix : prefix + own])
+        position_pieces.append(torch.arange(prefix, prefix + own))
+        segment_pieces.append(torch.full((own,), row))
+        offset += own
+    device = input_ids.device
+    loss_positions = torch.where(columns < prefix, columns, starts.to(device)[rows] + columns)
+    return PackedBatch(
+        input_ids=torch.cat(id_pieces)[None],
+        position_ids=torch.cat(position_pieces)[None].to(device),
+        segments=torch.cat(segment_pieces).to(device),
+        loss_positions=loss_positions,
+        targets=targets[rows, columns],
+    )
+
+
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a custom 4D mask as it is (boolean for sdpa, additive for eager)."""
+
+
+def packed_attention_mask(model, packed: PackedBatch) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask of ``packed`` for ``model``: each token sees the shared prefix and its own row, causally.
+
+    Returns ``[1, 1, tokens, tokens]`` (boolean for sdpa, additive float for eager); for models
+    with sliding-window layers, a mapping from layer type to mask, the sliding one also limited to
+    the window (what ``transformers`` builds for such layers: key position > query position − window).
+    """
+    positions = packed.position_ids[0]
+    segments = packed.segments
+    allowed = (positions[None, :] <= positions[:, None]) & (
+        (segments[None, :] == -1) | (segments[None, :] == segments[:, None])
+    )
+
+    def formatted(mask: torch.Tensor) -> torch.Tensor:
+        if model.config._attn_implementation == "eager":
+            blocked = torch.finfo(torch.float32).min
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, blocked)[None, None]
+        return mask[None, None]
+
+    layer_types = getattr(model.config, "layer_types", None) or ()
+    if "sliding_attention" not in layer_types:
+        return formatted(allowed)
+    window = positions[None, :] > positions[:, None] - model.config.sliding_window
+    return {"full_attention": formatted(allowed), "sliding_attention": formatted(allowed & window)}
+
+
 def assistant_loss(
     model, input_ids: torch.Tensor, labels: torch.Tensor, precision: ResolvedPrecision | None = None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose label is not ``-100``.
 
-    Batches are right-padded and no attention mask is passed: with causal attention a real token
-    never sees the padding after it, and the fast causal attention path is kept. The prefix all
-    rows share is computed once (:func:`causal_hidden_states`). Only the hidden states that predict
-    a labelled token go through the output head, which saves most of the vocabulary projection.
+    The batch runs packed (:func:`pack_batch`): the prefix all rows share once, then each row's
+    tokens without padding, in one sequence whose attention mask keeps each row to the prefix and
+    itself. Every weight then sees one matrix product per step, where running the prefix
+    separately would add a second one and a gradient sum for each weight. Models whose attention
+    takes no custom mask (:data:`PACKABLE_ATTENTION`) run right-padded without a mask, the prefix
+    once (:func:`causal_hidden_states`). Only the hidden states that predict a labelled token go
+    through the output head, which saves most of the vocabulary projection.
 
     Args:
         input_ids: ``[batch, seq]`` right-padded token ids.
@@ -526,11 +616,19 @@ def assistant_loss(
     """
     context = precision.autocast() if precision is not None else contextlib.nullcontext()
     with context:
-        hidden = causal_hidden_states(model, input_ids)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+        if model.config._attn_implementation in PACKABLE_ATTENTION:
+            packed = pack_batch(input_ids, labels)
+            hidden = model.base_model(
+                input_ids=packed.input_ids, position_ids=packed.position_ids,
+                attention_mask=packed_attention_mask(model, packed), use_cache=False,
+            ).last_hidden_state[0]  # fmt: skip
+            selected, targets = hidden[packed.loss_positions], packed.targets
+        else:
+            hidden = causal_hidden_states(model, input_ids)
+            keep = labels[:, 1:] != IGNORE_INDEX
+            selected, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+        logits = model.get_output_embeddings()(selected)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def learning_rate_at(step: int, total_steps: int, config: FinetuneConfig) -> float:

@@ -30,6 +30,8 @@ from scripts.refusal_token_finetune import (
     format_figures,
     generate_benign_answers,
     learning_rate_at,
+    pack_batch,
+    packed_attention_mask,
     prepare_refusal_model,
     read_metrics,
     refusal_text,
@@ -382,11 +384,66 @@ def test_built_offline_refusal_model_meets_held_out_targets():
     assert metrics["split"]["limit"] is None and metrics["evaluation"]["overrefusal"]["n"] > 0
 
 
+def test_pack_batch_keeps_the_shared_prefix_once_and_each_row_up_to_its_last_labelled_token():
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 3, 4, 0, 0], [5, 6, 7, 1, 2, 3]])
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[0, 3:5] = torch.tensor([8, 9])
+    labels[1, 3] = 4
+    labels[2, 4] = 2
+    packed = pack_batch(input_ids, labels)
+    # Prefix [5, 6]; row 0 needs tokens up to 8 (it predicts 9), row 1 up to 3, row 2 up to 1.
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 3, 7, 1]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 2, 3]]
+    assert packed.segments.tolist() == [-1, -1, 0, 0, 1, 2, 2]
+    assert packed.loss_positions.tolist() == [2, 3, 4, 6]
+    assert packed.targets.tolist() == [8, 9, 4, 2]
+    # The hidden state at each loss position reads the token just before its target in the padded batch.
+    tokens = packed.input_ids[0, packed.loss_positions].tolist()
+    rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    assert tokens == input_ids[rows, columns].tolist()
+    with pytest.raises(ValueError, match="no labelled position"):
+        pack_batch(input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def test_packed_attention_mask_keeps_rows_apart_and_applies_the_sliding_window():
+    from types import SimpleNamespace
+
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 3, 4, 9]])
+    packed = pack_batch(input_ids, torch.tensor([[-100] * 4 + [9], [-100] * 4 + [9]]))
+    # Packed: prefix 5 6 (positions 0 1), row 0: 7 8 (2 3), row 1: 3 4 (2 3).
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    mask = packed_attention_mask(sdpa, packed)[0, 0]
+    assert mask.dtype == torch.bool
+    assert mask.long().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 0, 1, 1],
+    ]
+    eager = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager"))
+    additive = packed_attention_mask(eager, packed)[0, 0]
+    assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask)
+    sliding = SimpleNamespace(config=SimpleNamespace(
+        _attn_implementation="sdpa", layer_types=["sliding_attention", "full_attention"], sliding_window=2))  # fmt: skip
+    masks = packed_attention_mask(sliding, packed)
+    assert torch.equal(masks["full_attention"][0, 0], mask)
+    # A window of 2: the token at position 3 no longer sees positions 0 and 1.
+    assert masks["sliding_attention"][0, 0, 5].long().tolist() == [0, 0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "unpackable"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_shared_prefix_loss_and_gradients_match_the_plain_forward(family):
+def test_shared_prefix_loss_and_gradients_match_the_plain_forward(family, attention, monkeypatch):
     from tests.tiny import build_tiny_family
 
     model, tokenizer = build_tiny_family(family)
+    if attention == "unpackable":
+        # An attention implementation that takes no custom mask: the padded batch runs, its prefix once.
+        monkeypatch.setattr("scripts.refusal_token_finetune.PACKABLE_ATTENTION", ())
+    else:
+        model.config._attn_implementation = attention
     prepare_refusal_model(model, tokenizer, DONOTANSWER_CATEGORIES)
     config = replace(CONFIG, system_prompt="You are a careful assistant who answers briefly and politely.")
     input_ids, labels = collate(examples_for(tokenizer, config)[:5], tokenizer.pad_token_id)
