@@ -3,7 +3,8 @@
 Both sides run :func:`scripts.model.generate_ids` (greedy) on the same chat-formatted prompts with the
 same plan's ``batch_hook``, so every row is steered identically (per-row vector and strength):
 
-* ours — ``batch_size`` rows per ``generate`` call (default 32), left-padded and length-sorted;
+* ours — ``batch_size`` rows per ``generate`` call (default 32), length-sorted, the prefix the rows
+  share run once where the plan leaves it unsteered (``reuse_prefix``), the rest left-padded after it;
 * baseline — ``batch_size=1``: one ``generate`` call per prompt.
 
 Steering (``--steering``): ``probe`` (default) is the paper's probe-routed categorical steering — a
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(batch_size: int) -> tuple[float, list[list[int]]]:
         start = time.perf_counter()
         outputs = generate_ids(model, tokenizer, texts, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                               batch_hook=plan.batch_hook, progress=False)
+                               batch_hook=plan.batch_hook, reuse_prefix=plan.prompt_prefix_unchanged, progress=False)
         if hooked.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, outputs

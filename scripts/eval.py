@@ -315,6 +315,7 @@ def run_condition(
             temperature=temperature,
             top_p=top_p,
             batch_hook=plan.batch_hook,
+            reuse_prefix=plan.prompt_prefix_unchanged,
             seed=seed + chunk_index,
             progress=False,
         )

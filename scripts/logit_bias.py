@@ -98,7 +98,8 @@ class LogitBias:
             "token_ids": token_ids,
             "hook": LOGITS_HOOK,
         }
-        return SteeringPlan(batch_hook, [dict(decision) for _ in texts], metadata)
+        # The bias acts on the logits only: the prompt's hidden states and cache stay the unsteered ones.
+        return SteeringPlan(batch_hook, [dict(decision) for _ in texts], metadata, prompt_prefix_unchanged=True)
 
 
 def logit_bias(

@@ -291,14 +291,26 @@ def generate_ids(
     batch_hook: BatchHookFactory | None = None,
     seed: int | None = None,
     progress: bool = True,
+    reuse_prefix: bool = False,
 ) -> list[list[int]]:
-    """Generate from already-formatted texts in left-padded, length-sorted batches.
+    """Generate from already-formatted texts in length-sorted batches.
+
+    With ``reuse_prefix``, the tokens every row of a batch begins with (the chat template's system
+    turn) run once as one row; their key/value cache is repeated over the batch and each row's remaining tokens follow it,
+    left-padded after the prefix (:func:`prefix_padded_batch`). Rows get the positions and the
+    attention they would have alone, so greedy outputs equal the plain left-padded batch up to
+    floating-point summation order.
 
     Args:
         texts: Full model inputs (chat template already applied), one per row.
         batch_hook: Called with each batch's input indices; the context manager it returns is active
-            while that batch generates (how steering installs per-row hooks).
+            while that batch generates (how steering installs per-row hooks). The shared prefix runs
+            outside it.
         seed: Seeds sampling (ignored for greedy decoding).
+        reuse_prefix: Run the shared prefix once (see above). Only right when no hook changes the
+            prefix's activations: ``batch_hook`` may steer the last prompt position and the generated
+            ones (:class:`scripts.steering.SteeringPlan` says whether its hooks do only that), and hooks
+            installed around this call would also see the prefix's own pass.
 
     Returns:
         For each input, in input order, the new token ids up to (not including) the first stop token.
@@ -307,19 +319,30 @@ def generate_ids(
 
     prepare_tokenizer(tokenizer)
     device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in token_ids]
     stops = stop_token_ids(tokenizer, extra_stop_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     outputs: list[list[int]] = [[] for _ in texts]
     batches = length_sorted_batches(lengths, batch_size, MAX_BATCH_TOKENS)
     for batch in tqdm(batches, desc="generate", disable=not progress):
-        encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = encoded.to(device)
+        rows = [token_ids[i] for i in batch]
+        # Two own tokens per row at least: a one-position first call would look like a decoding step to
+        # hooks that steer the last prompt position only.
+        prefix = shared_token_prefix(rows, keep=2) if reuse_prefix and len(batch) > 1 else 0
+        input_ids, attention_mask = prefix_padded_batch(rows, prefix, tokenizer.pad_token_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = None
+        if prefix:
+            cache = model.base_model(input_ids=input_ids[:1, :prefix], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(batch))
         context = batch_hook(batch) if batch_hook is not None else contextlib.nullcontext()
         with context:
             generated = model.generate(
-                **encoded,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 temperature=temperature if do_sample else None,
@@ -328,10 +351,40 @@ def generate_ids(
                 eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
+        new_tokens = generated[:, input_ids.shape[1] :].tolist()
         for row, index in enumerate(batch):
             outputs[index] = _cut_at_stop(new_tokens[row], stops)
     return outputs
+
+
+def shared_token_prefix(rows: Sequence[Sequence[int]], keep: int = 1) -> int:
+    """Leading tokens all ``rows`` share, leaving each row at least ``keep`` tokens of its own (``0`` for no rows)."""
+    if not rows:
+        return 0
+    limit = max(min(len(row) for row in rows) - keep, 0)
+    first = rows[0]
+    count = 0
+    while count < limit and all(row[count] == first[count] for row in rows):
+        count += 1
+    return count
+
+
+def prefix_padded_batch(rows: Sequence[Sequence[int]], prefix: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``[batch, prefix + longest rest]``: the shared prefix, then each row's rest left-padded.
+
+    With ``prefix = 0`` this is the usual left-padded batch. Padding after the prefix is masked, so
+    generation derives each real token's position from the mask as it would for the row alone.
+    """
+    width = max(len(row) for row in rows) - prefix
+    input_ids = torch.full((len(rows), prefix + width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    input_ids[:, :prefix] = torch.tensor(rows[0][:prefix], dtype=torch.long)
+    attention_mask[:, :prefix] = 1
+    for index, row in enumerate(rows):
+        rest = row[prefix:]
+        input_ids[index, prefix + width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        attention_mask[index, prefix + width - len(rest) :] = 1
+    return input_ids, attention_mask
 
 
 def _cut_at_stop(ids: list[int], stops: Sequence[int]) -> list[int]:

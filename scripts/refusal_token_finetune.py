@@ -429,6 +429,7 @@ def generate_benign_answers(
                 [texts[index] for index in chunk],
                 batch_size=config.generation_batch_size,
                 max_new_tokens=config.answer_max_new_tokens,
+                reuse_prefix=True,
                 progress=False,
             )
             rows = []

@@ -103,12 +103,13 @@ class SavedRun:
         """
         prompts = list(prompts)
         texts = self.texts(prompts)
-        hook = self.condition().plan(self.hooked, prompts, texts).batch_hook if steered else None
+        plan = self.condition().plan(self.hooked, prompts, texts) if steered else None
         ids = generate_ids(
             self.hooked.model, self.hooked.tokenizer, texts,
             batch_size=int(self.config.parameters.get("batch_size", 16)),
             max_new_tokens=int(max_new_tokens or self.config.parameters.get("max_new_tokens", 64)),
-            batch_hook=hook, progress=False,
+            batch_hook=None if plan is None else plan.batch_hook,
+            reuse_prefix=True if plan is None else plan.prompt_prefix_unchanged, progress=False,
         )  # fmt: skip
         return [self.hooked.tokenizer.decode(row, skip_special_tokens=False).strip() for row in ids]
 

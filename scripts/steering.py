@@ -1080,11 +1080,15 @@ class SteeringPlan:
         decisions: One JSON-serialisable dict per row, e.g. ``{"route": "harmful", "routed_category":
             ..., "strength": 4.0, "probe_score": 0.93, "router_score": 2.6}``.
         metadata: Condition-level settings (layer, hook, strengths, router, vector norms).
+        prompt_prefix_unchanged: The hooks leave every prompt position but the last as the unsteered
+            model computes it, so generation may run the prefix the rows share once
+            (``generate_ids(reuse_prefix=True)``). ``False`` unless a plan says so.
     """
 
     batch_hook: BatchHookFactory | None
     decisions: list[dict]
     metadata: dict
+    prompt_prefix_unchanged: bool = False
 
 
 class Condition(Protocol):
@@ -1141,7 +1145,7 @@ def baseline(name: str = "baseline") -> PlannedCondition:
 
     def planner(hooked: HookedModel, texts: Sequence[str]) -> SteeringPlan:
         decisions = [Route("unsteered", None, 0.0).decision() for _ in texts]
-        return SteeringPlan(None, decisions, {"steering": None})
+        return SteeringPlan(None, decisions, {"steering": None}, prompt_prefix_unchanged=True)
 
     return PlannedCondition(name, planner)
 
@@ -1169,7 +1173,7 @@ def fixed_category(
         metadata = {"steering": "fixed_category", "category": category, "strength": float(strength),
                     "vector_sha256": tensor_fingerprint(table[names.index(category)]),
                     **_steering_metadata(hooked, layer, kind, positions)}
-        return SteeringPlan(hook, [route.decision() for _ in texts], metadata)
+        return SteeringPlan(hook, [route.decision() for _ in texts], metadata, prompt_prefix_unchanged=positions != "all")
 
     return PlannedCondition(name or f"fixed_{category}_{strength:+g}", planner)
 
@@ -1205,7 +1209,8 @@ def categorical(
                     "vector_sha256": tensor_fingerprint(table),
                     **_steering_metadata(hooked, layer, kind, positions)}
         hook = per_row_batch_hook(hooked, layer, rows, strengths, kind, positions)
-        return SteeringPlan(hook, [route.decision() for route in routes], metadata)
+        return SteeringPlan(hook, [route.decision() for route in routes], metadata,
+                            prompt_prefix_unchanged=positions != "all")
 
     return PlannedCondition(name or f"categorical_{router.name}", planner)
 
@@ -1246,6 +1251,7 @@ def low_rank_combination(
                     "operator_sha256": tensor_fingerprint(operator),
                     **_steering_metadata(hooked, layer, kind, positions)}
         hook = operator_batch_hook(hooked, layer, operator, strengths, kind, positions)
-        return SteeringPlan(hook, [route.decision() for route in routes], metadata)
+        return SteeringPlan(hook, [route.decision() for route in routes], metadata,
+                            prompt_prefix_unchanged=positions != "all")
 
     return PlannedCondition(name or "low_rank_combination", planner)

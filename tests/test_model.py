@@ -7,6 +7,8 @@ from scripts.model import (
     format_chat,
     generate,
     generate_ids,
+    prefix_padded_batch,
+    shared_token_prefix,
     length_sorted_batches,
     load_model,
     resolve_model_path,
@@ -76,6 +78,29 @@ def test_batched_generation_returns_new_tokens_in_input_order(tiny_model):
         stops = stop_token_ids(tokenizer)
         alone = alone[: next((i for i, t in enumerate(alone) if t in stops), len(alone))]
         assert batched[index] == alone
+
+
+def test_generation_reusing_the_shared_prefix_returns_the_same_tokens(tiny_model):
+    model, tokenizer = tiny_model
+    texts = format_chat(tokenizer, PROMPTS, system_prompt="You are a careful assistant who answers briefly.")
+    kwargs = dict(batch_size=3, max_new_tokens=5, progress=False)
+    assert generate_ids(model, tokenizer, texts, reuse_prefix=True, **kwargs) == generate_ids(model, tokenizer, texts, **kwargs)
+
+
+def test_shared_token_prefix_leaves_each_row_its_own_tokens():
+    assert shared_token_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_token_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_token_prefix([[1, 2, 3], [1, 2, 3]], keep=2) == 1
+    assert shared_token_prefix([[1], [1, 2]], keep=2) == 0
+    assert shared_token_prefix([]) == 0
+
+
+def test_prefix_padded_batch_pads_after_the_prefix():
+    input_ids, attention_mask = prefix_padded_batch([[7, 8, 1, 2, 3], [7, 8, 4]], prefix=2, pad_token_id=0)
+    assert input_ids.tolist() == [[7, 8, 1, 2, 3], [7, 8, 0, 0, 4]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1]]
+    left, mask = prefix_padded_batch([[7, 8, 1], [4]], prefix=0, pad_token_id=0)
+    assert left.tolist() == [[7, 8, 1], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_extra_stop_token_cuts_output(tiny_model):

@@ -223,6 +223,29 @@ def test_steered_cached_generation_equals_a_full_forward_pass_without_the_cache(
     assert (cached[steered_rows] - unsteered[steered_rows]).abs().amax(dim=(1, 2)).min() > 1e-2
 
 
+@pytest.mark.parametrize("positions", ["last_and_generated", "prompt"])
+def test_steered_generation_runs_the_shared_prefix_once_with_the_same_tokens(hooked, texts, positions):
+    """The system turn every row shares runs once, its cache repeated over the batch, under per-row steering
+    of the last prompt position (and of generated ones): the same greedy tokens as the plain batch."""
+    vectors = _random_rows(len(texts), hooked.d_model, seed=3)
+    strengths = torch.tensor([3.0, -4.0, 0.0, 5.0, 2.0]) * _residual_norm(hooked, texts, LAYER) / vectors.norm(dim=-1)
+    factory = per_row_batch_hook(hooked, LAYER, vectors, strengths, positions=positions)
+    kwargs = dict(batch_size=3, max_new_tokens=5, batch_hook=factory, progress=False)
+    prefix_lengths = []
+    handle = hooked.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: prefix_lengths.append(tuple(args[0].shape)))
+    try:
+        reused = generate_ids(hooked.model, hooked.tokenizer, texts, reuse_prefix=True, **kwargs)
+    finally:
+        handle.remove()
+    assert reused == generate_ids(hooked.model, hooked.tokenizer, texts, **kwargs)
+    # The first pass of each batch is the one-row prefix (Gemma 3 folds the system turn into the user turn,
+    # so its shared prefix is its template's few opening tokens).
+    assert prefix_lengths[0][0] == 1 and prefix_lengths[0][1] >= 3
+    unsteered = generate_ids(hooked.model, hooked.tokenizer, texts, batch_size=3, max_new_tokens=5, progress=False)
+    assert reused != unsteered  # the steering really acted
+
+
 def test_generation_stops_at_the_families_end_of_turn_token(family):
     # A fresh model without refusal tokens: their large unembeddings would outbid every other token.
     model, tokenizer = build_tiny_family(family)
