@@ -296,10 +296,10 @@ def generate_ids(
     """Generate from already-formatted texts in length-sorted batches.
 
     With ``reuse_prefix``, the tokens every row of a batch begins with (the chat template's system
-    turn) run once as one row; their key/value cache is repeated over the batch and each row's remaining tokens follow it,
-    left-padded after the prefix (:func:`prefix_padded_batch`). Rows get the positions and the
-    attention they would have alone, so greedy outputs equal the plain left-padded batch up to
-    floating-point summation order.
+    turn) run once as one row; their key/value cache is repeated over the batch and each row's
+    remaining tokens follow it, left-padded after the prefix (:func:`prefix_padded_batch`). Rows get
+    the positions and the attention they would have alone, so greedy outputs equal the plain
+    left-padded batch up to floating-point summation order.
 
     Args:
         texts: Full model inputs (chat template already applied), one per row.
@@ -369,8 +369,10 @@ def shared_token_prefix(rows: Sequence[Sequence[int]], keep: int = 1) -> int:
     return count
 
 
-def prefix_padded_batch(rows: Sequence[Sequence[int]], prefix: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``[batch, prefix + longest rest]``: the shared prefix, then each row's rest left-padded.
+def prefix_padded_batch(
+    rows: Sequence[Sequence[int]], prefix: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``[batch, prefix + longest rest]``: the prefix, then each row's rest left-padded.
 
     With ``prefix = 0`` this is the usual left-padded batch. Padding after the prefix is masked, so
     generation derives each real token's position from the mask as it would for the row alone.

@@ -546,7 +546,8 @@ def pack_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> PackedBatch:
     # Row i needs its tokens 0..needed[i]-1: the hidden state at needed[i]-1 predicts its last labelled token.
     needed = (labelled.long() * torch.arange(1, targets.shape[1] + 1, device=labels.device)).amax(dim=1).cpu()
     prefix = min(shared_prefix_length(input_ids), int(needed[needed > 0].min()))
-    id_pieces, position_pieces, segment_pieces = [input_ids[0, :prefix]], [torch.arange(prefix)], [torch.full((prefix,), -1)]
+    id_pieces, position_pieces = [input_ids[0, :prefix]], [torch.arange(prefix)]
+    segment_pieces = [torch.full((prefix,), -1)]
     starts = torch.zeros(input_ids.shape[0], dtype=torch.long)
     offset = prefix
     for row, count in enumerate(needed.tolist()):
@@ -587,7 +588,8 @@ def packed_attention_mask(model, packed: PackedBatch) -> torch.Tensor | dict[str
     def formatted(mask: torch.Tensor) -> torch.Tensor:
         if model.config._attn_implementation == "eager":
             blocked = torch.finfo(torch.float32).min
-            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, blocked)[None, None]
+            additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            return additive.masked_fill_(~mask, blocked)[None, None]
         return mask[None, None]
 
     layer_types = getattr(model.config, "layer_types", None) or ()

@@ -1173,7 +1173,8 @@ def fixed_category(
         metadata = {"steering": "fixed_category", "category": category, "strength": float(strength),
                     "vector_sha256": tensor_fingerprint(table[names.index(category)]),
                     **_steering_metadata(hooked, layer, kind, positions)}
-        return SteeringPlan(hook, [route.decision() for _ in texts], metadata, prompt_prefix_unchanged=positions != "all")
+        return SteeringPlan(hook, [route.decision() for _ in texts], metadata,
+                            prompt_prefix_unchanged=positions != "all")
 
     return PlannedCondition(name or f"fixed_{category}_{strength:+g}", planner)
 

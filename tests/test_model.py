@@ -84,7 +84,8 @@ def test_generation_reusing_the_shared_prefix_returns_the_same_tokens(tiny_model
     model, tokenizer = tiny_model
     texts = format_chat(tokenizer, PROMPTS, system_prompt="You are a careful assistant who answers briefly.")
     kwargs = dict(batch_size=3, max_new_tokens=5, progress=False)
-    assert generate_ids(model, tokenizer, texts, reuse_prefix=True, **kwargs) == generate_ids(model, tokenizer, texts, **kwargs)
+    reused = generate_ids(model, tokenizer, texts, reuse_prefix=True, **kwargs)
+    assert reused == generate_ids(model, tokenizer, texts, **kwargs)
 
 
 def test_shared_token_prefix_leaves_each_row_its_own_tokens():

@@ -425,8 +425,8 @@ def test_packed_attention_mask_keeps_rows_apart_and_applies_the_sliding_window()
     eager = SimpleNamespace(config=SimpleNamespace(_attn_implementation="eager"))
     additive = packed_attention_mask(eager, packed)[0, 0]
     assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask)
-    sliding = SimpleNamespace(config=SimpleNamespace(
-        _attn_implementation="sdpa", layer_types=["sliding_attention", "full_attention"], sliding_window=2))  # fmt: skip
+    layer_types = ["sliding_attention", "full_attention"]
+    sliding = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", layer_types=layer_types, sliding_window=2))
     masks = packed_attention_mask(sliding, packed)
     assert torch.equal(masks["full_attention"][0, 0], mask)
     # A window of 2: the token at position 3 no longer sees positions 0 and 1.
