@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from scripts.hooked_model import HOOK_KINDS, HookedModel, validate_layer
-from scripts.model import MAX_BATCH_TOKENS, format_chat, length_sorted_batches
+from scripts.model import MAX_BATCH_TOKENS, format_chat, length_sorted_batches, pad_batch
 from scripts.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -193,29 +193,6 @@ def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids ``[batch, pos]`` counting only non-pad tokens, so padding never shifts a row's positions."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token id lists to one rectangle.
-
-    Args:
-        sequences: Token ids per row.
-        pad_id: Id written into padded positions.
-        side: ``"left"`` or ``"right"``.
-
-    Returns:
-        ``(input_ids [batch, pos], attention_mask [batch, pos])``.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        span = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
-        input_ids[row, span] = torch.tensor(list(sequence), dtype=torch.long)
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask
 
 
 def _resolve_layers(layers: int | Sequence[int], n_layers: int) -> list[int]:

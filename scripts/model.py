@@ -374,18 +374,34 @@ def prefix_padded_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)``, both ``[batch, prefix + longest rest]``: the prefix, then each row's rest left-padded.
 
-    With ``prefix = 0`` this is the usual left-padded batch. Padding after the prefix is masked, so
-    generation derives each real token's position from the mask as it would for the row alone.
+    With ``prefix = 0`` this is the usual left-padded batch (:func:`pad_batch`). Padding after the prefix
+    is masked, so generation derives each real token's position from the mask as it would for the row alone.
     """
-    width = max(len(row) for row in rows) - prefix
-    input_ids = torch.full((len(rows), prefix + width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    input_ids[:, :prefix] = torch.tensor(rows[0][:prefix], dtype=torch.long)
-    attention_mask[:, :prefix] = 1
-    for index, row in enumerate(rows):
-        rest = row[prefix:]
-        input_ids[index, prefix + width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-        attention_mask[index, prefix + width - len(rest) :] = 1
+    rest_ids, rest_mask = pad_batch([row[prefix:] for row in rows], pad_token_id, "left")
+    prefix_ids = torch.tensor(rows[0][:prefix], dtype=torch.long).expand(len(rows), -1)
+    return torch.cat([prefix_ids, rest_ids], dim=1), torch.cat([torch.ones_like(prefix_ids), rest_mask], dim=1)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists to one rectangle.
+
+    Args:
+        sequences: Token ids per row.
+        pad_id: Id written into padded positions.
+        side: ``"left"`` or ``"right"``.
+
+    Returns:
+        ``(input_ids [batch, pos], attention_mask [batch, pos])``.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+        input_ids[row, span] = torch.tensor(list(sequence), dtype=torch.long)
+        attention_mask[row, span] = 1
     return input_ids, attention_mask
 
 
