@@ -57,6 +57,7 @@ from scripts.model import (
     prepare_tokenizer,
     resolve_device,
     resolve_model_path,
+    shared_token_prefix,
 )
 from scripts.paths import cache_dir, data_dir, models_dir
 from scripts.precision import PRECISIONS, ResolvedPrecision, cpu_description, resolve_precision
@@ -483,8 +484,7 @@ def shared_prefix_length(input_ids: torch.Tensor) -> int:
     Rows built from one chat template share its system turn; what every row shares, a causal model
     computes identically for each, so it can be run once (see :func:`causal_hidden_states`).
     """
-    same = (input_ids == input_ids[:1]).all(dim=0)
-    return min(int(same.long().cumprod(dim=0).sum()), input_ids.shape[1] - 1)
+    return shared_token_prefix(input_ids.tolist())
 
 
 def causal_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
