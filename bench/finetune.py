@@ -26,7 +26,9 @@ two-thread timings erratic.
 Run: ``HF_HUB_OFFLINE=1 python bench/finetune.py [--steps 8] [--threads 2] [--precision float32]
 [--frozen-layer-fraction 0.333]``.
 To see an AVX2-only CPU's kernel choice on a CPU with bfloat16, set ``ATEN_CPU_CAPABILITY=avx2
-ONEDNN_MAX_CPU_ISA=AVX2`` (and call it emulated AVX2, not an AVX2 machine).
+ONEDNN_MAX_CPU_ISA=AVX2`` and, on an Intel CPU, ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL runs the float32
+matrix products and reads neither of the other two: without it an Intel CPU keeps its AVX-512 products),
+and call it emulated AVX2, not an AVX2 machine.
 """
 
 from __future__ import annotations
