@@ -24,9 +24,9 @@ from typing import Sequence
 
 import torch
 
-from scripts.activation_caching import cache_activations, last_token_indices, pad_batch, position_ids_from_mask
+from scripts.activation_caching import cache_activations, last_token_indices, position_ids_from_mask
 from scripts.hooked_model import wrap_model
-from scripts.model import format_chat, load_model
+from scripts.model import format_chat, load_model, pad_batch
 from scripts.precision import cpu_description
 
 logger = logging.getLogger("bench.caching")
